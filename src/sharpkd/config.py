@@ -1,0 +1,318 @@
+"""params.yaml -> typed, validated config.
+
+Every group of params.yaml is a dataclass below. Loading checks each key against
+the dataclass: an unknown key, a wrong type or an out-of-range value raises
+ConfigError naming the dotted key and what is allowed, so `dvc exp run -S
+loss.perceptul=0.1` fails at once instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sharpkd.errors import UserError
+
+
+class ConfigError(UserError):
+    """A params.yaml problem; the message names the key."""
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict:
+    return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class Div2kParams:
+    base_url: str = "http://data.vision.ee.ethz.ch/cvl/DIV2K/"
+    train_count: int = field(default=800, metadata=_range(1, 800))
+    valid_count: int = field(default=100, metadata=_range(1, 100))
+    cache_dir: str = "data/downloads"
+
+
+@dataclass(frozen=True)
+class FolderParams:
+    train: str = ""
+    valid: str = ""
+
+
+@dataclass(frozen=True)
+class SamplesParams:
+    valid_count: int = field(default=2, metadata=_range(1, 8))
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["samples", "folder", "div2k"] = "samples"
+    scale: Literal[2, 3, 4] = 4
+    patch_size: int = field(default=96, metadata=_range(8, 1024))
+    patches_per_image: int = field(default=48, metadata=_range(1, 100000))
+    valid_max_side: int = field(default=0, metadata=_range(0, None))
+    div2k: Div2kParams = field(default_factory=Div2kParams)
+    folder: FolderParams = field(default_factory=FolderParams)
+    samples: SamplesParams = field(default_factory=SamplesParams)
+
+
+@dataclass(frozen=True)
+class DegradationParams:
+    downscale: Literal["bicubic", "bilinear"] = "bicubic"
+    upscale: Literal["bicubic", "bilinear"] = "bicubic"
+    jpeg_prob: float = field(default=0.5, metadata=_range(0, 1))
+    jpeg_quality: tuple[int, int] = (70, 95)
+    blur_prob: float = field(default=0.0, metadata=_range(0, 1))
+    blur_sigma: tuple[float, float] = (0.2, 1.0)
+    noise_prob: float = field(default=0.0, metadata=_range(0, 1))
+    noise_sigma: tuple[float, float] = (1.0, 5.0)
+
+
+@dataclass(frozen=True)
+class TeacherTrainParams:
+    channels: int = field(default=32, metadata=_range(4, 512))
+    blocks: int = field(default=4, metadata=_range(1, 64))
+    steps: int = field(default=600, metadata=_range(1, None))
+    batch_size: int = field(default=16, metadata=_range(1, 4096))
+    lr: float = field(default=1e-3, metadata=_range(1e-8, 1))
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    source: Literal["swinir", "checkpoint", "pan", "train"] = "train"
+    checkpoint: str = ""
+    feature_layers: tuple[str, ...] = ()
+    feature_channels: int = field(default=16, metadata=_range(0, 4096))
+    train: TeacherTrainParams = field(default_factory=TeacherTrainParams)
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    batch_size: int = field(default=16, metadata=_range(1, 4096))
+    max_gb: float = field(default=8.0, metadata=_range(0, None))
+
+
+@dataclass(frozen=True)
+class InferParams:
+    tile: int = field(default=256, metadata=_range(16, 8192))
+    overlap: int = field(default=16, metadata=_range(0, 1024))
+
+
+@dataclass(frozen=True)
+class LossParams:
+    pixel: float = field(default=1.0, metadata=_range(0, None))
+    kd: float = field(default=1.0, metadata=_range(0, None))
+    perceptual: float = field(default=0.0, metadata=_range(0, None))
+    perceptual_target: Literal["teacher", "hr"] = "teacher"
+    perceptual_layers: tuple[str, ...] = ("relu2_2", "relu3_4")
+    feature: float = field(default=0.0, metadata=_range(0, None))
+
+
+@dataclass(frozen=True)
+class StudentParams:
+    channels: int = field(default=32, metadata=_range(4, 512))
+    blocks: int = field(default=4, metadata=_range(1, 64))
+    activation: Literal["relu", "prelu", "silu", "gelu"] = "relu"
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    steps: int = field(default=600, metadata=_range(1, None))
+    batch_size: int = field(default=16, metadata=_range(1, 4096))
+    lr: float = field(default=2e-3, metadata=_range(1e-8, 1))
+    weight_decay: float = field(default=0.0, metadata=_range(0, 1))
+    warmup_steps: int = field(default=30, metadata=_range(0, None))
+    grad_clip: float = field(default=1.0, metadata=_range(0, None))
+    eval_every: int = field(default=150, metadata=_range(1, None))
+    checkpoint_every: int = field(default=150, metadata=_range(1, None))
+    amp: bool = True
+    threads: int = field(default=0, metadata=_range(0, 1024))
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    sets: dict[str, str] = field(default_factory=dict)
+    lpips: bool = True
+    speed_repeats: int = field(default=5, metadata=_range(1, 1000))
+    teacher_speed_repeats: int = field(default=1, metadata=_range(0, 1000))
+    compare_images: int = field(default=3, metadata=_range(0, 100))
+    crop: int = field(default=128, metadata=_range(16, 4096))
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: int = field(default=17, metadata=_range(17, 30))
+    fp16: bool = True
+    parity_tol: float = field(default=1e-4, metadata=_range(0, 1))
+    speed_repeats: int = field(default=5, metadata=_range(1, 1000))
+
+
+@dataclass(frozen=True)
+class WeightsParams:
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "sharpkd"
+    registered_model: str = "sharpkd-student"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    data: DataParams = field(default_factory=DataParams)
+    degradation: DegradationParams = field(default_factory=DegradationParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    cache: CacheParams = field(default_factory=CacheParams)
+    infer: InferParams = field(default_factory=InferParams)
+    loss: LossParams = field(default_factory=LossParams)
+    student: StudentParams = field(default_factory=StudentParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    weights: WeightsParams = field(default_factory=WeightsParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values [{', '.join(_type_name(a) for a in args)}]"
+    if origin is dict:
+        return "a mapping of name -> " + _type_name(typing.get_args(tp)[1])
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the dataclass's form."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    wrong = ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        # bool is an int subclass: true must not pass as 1.
+        if isinstance(value, bool) or value not in allowed:
+            raise wrong
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise wrong
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise wrong
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise wrong
+        vt = typing.get_args(tp)[1]
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "params.yaml"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: '{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"params: unknown key '{key}'; allowed keys here: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _convert(value, hints[name], key)
+        lo, hi = fields[name].metadata.get("range", (None, None))
+        if lo is not None and converted < lo or hi is not None and converted > hi:
+            bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise ConfigError(f"params: '{key}' must be {bounds}, got {value!r}")
+        values[name] = converted
+    return cls(**values)
+
+
+def _check_relations(p: Params) -> None:
+    s = p.data.scale
+    if p.data.patch_size % s:
+        raise ConfigError(f"params: 'data.patch_size' ({p.data.patch_size}) must be a multiple of data.scale ({s})")
+    if p.data.source == "folder" and not p.data.folder.train:
+        raise ConfigError("params: 'data.folder.train' must name a folder of images when data.source is 'folder'")
+    if p.teacher.source == "checkpoint" and not p.teacher.checkpoint:
+        raise ConfigError("params: 'teacher.checkpoint' must be a file path when teacher.source is 'checkpoint'")
+    if p.infer.overlap * 2 >= p.infer.tile:
+        raise ConfigError(f"params: 'infer.overlap' ({p.infer.overlap}) must be less than half of infer.tile ({p.infer.tile})")
+    for key, (lo, hi) in {
+        "degradation.jpeg_quality": p.degradation.jpeg_quality,
+        "degradation.blur_sigma": p.degradation.blur_sigma,
+        "degradation.noise_sigma": p.degradation.noise_sigma,
+    }.items():
+        if lo > hi or lo < 0:
+            raise ConfigError(f"params: '{key}' must be [low, high] with 0 <= low <= high, got [{lo}, {hi}]")
+    if not 1 <= p.degradation.jpeg_quality[0] <= p.degradation.jpeg_quality[1] <= 100:
+        raise ConfigError("params: 'degradation.jpeg_quality' values must be between 1 and 100")
+
+
+def params_from_dict(raw: Any) -> Params:
+    params = _build(Params, raw, "")
+    _check_relations(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: {path} not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params: {path} is not valid YAML: {exc}") from None
+    return params_from_dict(raw)
+
+
+def flatten(params: Params | dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys, the names `dvc exp run -S` uses (lists kept as lists)."""
+    d = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else params
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+

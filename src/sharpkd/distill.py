@@ -1,0 +1,101 @@
+"""The `distill` stage: train the student against HR, the cached teacher outputs and features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sharpkd.config import Params, flatten
+from sharpkd.data.datasets import TrainPatches, load_valid
+from sharpkd.errors import UserError
+from sharpkd.files import atomic_dir, atomic_path, write_json
+from sharpkd.losses import DistillObjective
+from sharpkd.models.student import Student, conv_macs, count_params, save_student
+from sharpkd.train import FitConfig, distributed_setup, fit
+
+
+def distill(
+    params: Params,
+    tracker,
+    pairs_dir="data/pairs",
+    teacher_dir="data/teacher",
+    out_dir="models/student",
+    checkpoint_dir="models/checkpoints",
+    metrics_dir="metrics",
+) -> dict:
+    from sharpkd import weights
+    from sharpkd.evaluation import validate
+    from sharpkd.metrics import QualityMetrics
+
+    rank, world = distributed_setup()
+    if params.distill.threads:
+        torch.set_num_threads(params.distill.threads)
+    cache_info = _cache_info(teacher_dir)
+    torch.manual_seed(params.seed)
+    sp = params.student
+    student = Student(scale=params.data.scale, channels=sp.channels, blocks=sp.blocks, activation=sp.activation)
+    # Built before any step: a missing VGG file or feature cache stops here.
+    objective = DistillObjective(student, params.loss, cache_info.get("feature_channels", 0), weights.weights_dir(params.weights.dir))
+    patches = TrainPatches(pairs_dir, teacher_dir, keys=objective.needed_keys())
+    valid = load_valid(pairs_dir) if rank == 0 else []
+    metrics = QualityMetrics(params.data.scale, lpips=False)
+    d = params.distill
+    cfg = FitConfig(
+        steps=d.steps, lr=d.lr, weight_decay=d.weight_decay, warmup_steps=d.warmup_steps, grad_clip=d.grad_clip,
+        eval_every=d.eval_every, checkpoint_every=d.checkpoint_every, amp=d.amp, seed=params.seed,
+        fingerprint={"params": flatten(params), "world": world, "cache": cache_info},
+    )
+    result = fit(
+        objective,
+        patches.batch_fn(d.batch_size, params.seed, rank, world),
+        cfg,
+        evaluate=lambda: validate(student, valid, metrics, use="input", scale_out=1, tile=params.infer.tile,
+                                  overlap=params.infer.overlap, align=params.data.scale),
+        checkpoint_path=Path(checkpoint_dir) / "ckpt.pt",
+        log_metrics=lambda m, step: tracker.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step),
+        desc="distill",
+    )
+    if rank != 0:
+        return {}
+
+    student_cpu = student.cpu().eval()
+    best = Student(**student_cpu.arch_kwargs())
+    prefix = "student."
+    best.load_state_dict({k[len(prefix):]: v for k, v in result.best_state.items() if k.startswith(prefix)})
+    summary = {
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "val_psnr": result.best_metrics.get("psnr"),
+        "val_ssim": result.best_metrics.get("ssim"),
+        "last_val_psnr": result.last_metrics.get("psnr"),
+        "seconds": round(result.seconds, 2),
+        "steps_per_s": round(result.steps_per_s, 3),
+        "resumed_from": result.resumed_from,
+        "params": count_params(best),
+        "gmacs_1080p": round(conv_macs(best) / 1e9, 3),
+        "world_size": world,
+        "loss_terms": [k for k, v in objective.w.items() if v > 0],
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_student(best, tmp / "student.pth", {"val": result.best_metrics, "step": result.best_step})
+        save_student(student_cpu, tmp / "last.pth", {"val": result.last_metrics, "step": result.steps})
+        write_json(tmp / "student.json", {"arch": best.arch_kwargs(), **summary})
+    write_json(Path(metrics_dir) / "train.json", summary)
+    with atomic_path(Path(metrics_dir) / "train_curve.tsv") as tmp:
+        pd.DataFrame(result.curve).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    print(
+        f"[distill] best val PSNR {summary['val_psnr']:.2f} dB (step {result.best_step}), "
+        f"{result.steps_per_s:.2f} steps/s, {summary['params']:,} params, {summary['gmacs_1080p']} GMACs/1080p"
+    )
+    tracker.log_metrics({f"distill.{k}": v for k, v in summary.items() if isinstance(v, int | float)})
+    return summary
+
+
+def _cache_info(teacher_dir) -> dict:
+    path = Path(teacher_dir) / "cache.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: the teacher cache is missing or incomplete; run `dvc repro cache_teacher`")
+    return json.loads(path.read_text())

@@ -1,0 +1,227 @@
+"""The one training loop, for the student and for a teacher trained from scratch.
+
+`fit` trains an *objective*: an nn.Module whose forward(batch) returns
+(total loss, {term: value}). Batches come from `batch_fn(step)`, which must be a
+pure function of the step (see data/datasets.py), so a resumed run sees exactly
+the batches an uninterrupted run would. AdamW, cosine schedule with linear
+warm-up, gradient clipping, bf16 autocast and channels-last on CUDA, a
+checkpoint every `checkpoint_every` steps, validation every `eval_every` steps.
+Under `torchrun` the objective is wrapped in DistributedDataParallel and only
+rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from sharpkd.errors import UserError
+from sharpkd.files import atomic_path
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; training stops rather than writing garbage."""
+
+
+@dataclass
+class FitConfig:
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    eval_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # 0 = no checkpoints
+    amp: bool = True
+    seed: int = 0
+    log_every: int = 10
+    # Anything that must match for a checkpoint to be resumed (params, data fingerprint).
+    fingerprint: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_step: int
+    best_metrics: dict
+    best_state: dict | None
+    last_metrics: dict
+    curve: list[dict]
+    seconds: float
+    steps_per_s: float
+    resumed_from: int
+
+
+def device_for_training() -> torch.device:
+    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def distributed_setup() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def lr_at(step: int, cfg: FitConfig) -> float:
+    """Linear warm-up, then cosine decay to 0 at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(
+    objective: nn.Module,
+    batch_fn: Callable[[int], dict[str, torch.Tensor]],
+    cfg: FitConfig,
+    *,
+    evaluate: Callable[[], dict] | None = None,
+    checkpoint_path: str | Path | None = None,
+    log_metrics: Callable[[dict, int], None] | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """Train `objective` for cfg.steps; validate with `evaluate()` (returns {'psnr': ...}).
+
+    The result carries the objective's state at the best validation PSNR (`best_state`)
+    and at the end (the objective itself); both survive a resume through the checkpoint.
+    """
+    rank, world = distributed_setup()
+    device = device_for_training()
+    torch.manual_seed(cfg.seed)
+    objective.to(device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        objective.to(memory_format=torch.channels_last)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    start, curve, best, best_step, best_state = 0, [], {}, -1, None
+
+    ckpt_path = Path(checkpoint_path) if checkpoint_path else None
+    if ckpt_path and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("fingerprint") == _jsonable(cfg.fingerprint) and ckpt.get("steps") == cfg.steps:
+            objective.load_state_dict(ckpt["objective"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if on_cuda and ckpt.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+            start, curve, best, best_step = ckpt["step"], ckpt["curve"], ckpt["best"], ckpt["best_step"]
+            best_state = ckpt["best_state"]
+            if rank == 0:
+                print(f"[{desc}] resuming from {ckpt_path} at step {start}/{cfg.steps}")
+        elif rank == 0:
+            print(f"[{desc}] {ckpt_path} is from a different configuration; starting from step 0")
+
+    model = objective
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if on_cuda else None)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if (on_cuda and cfg.amp) else contextlib.nullcontext()
+    )
+
+    def save_checkpoint(step: int) -> None:
+        if rank != 0 or ckpt_path is None:
+            return
+        state = {
+            "objective": objective.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if on_cuda else None,
+            "step": step,
+            "steps": cfg.steps,
+            "curve": curve,
+            "best": best,
+            "best_step": best_step,
+            "best_state": best_state,
+            "fingerprint": _jsonable(cfg.fingerprint),
+            "config": asdict(cfg),
+        }
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(state, tmp)
+
+    def run_eval(step: int) -> dict:
+        nonlocal best, best_step, best_state
+        if rank != 0 or evaluate is None:
+            return {}
+        objective.eval()
+        with torch.no_grad():
+            metrics = evaluate()
+        objective.train()
+        if not best or metrics.get("psnr", -math.inf) > best.get("psnr", -math.inf):
+            best, best_step = dict(metrics), step
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()}
+        return metrics
+
+    objective.train()
+    t0, last_metrics = time.perf_counter(), {}
+    bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", disable=rank != 0, initial=start, total=cfg.steps, mininterval=1.0)
+    for step in bar:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch_fn(step).items()}
+        if on_cuda:
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
+        with autocast:
+            total, terms = model(batch)
+        if not torch.isfinite(total):
+            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({shown}); no weights were written. "
+                "Lower distill.lr (or teacher.train.lr), or check the inputs."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+
+        row = {"step": step + 1, "loss": total.item(), **{k: float(v) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[0]}
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            last_metrics = run_eval(done)
+            row.update({f"val_{k}": v for k, v in last_metrics.items()})
+        curve.append(row)
+        if rank == 0:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val_psnr": f"{row['val_psnr']:.2f}"} if "val_psnr" in row else {}))
+            if log_metrics and (done % cfg.log_every == 0 or "val_psnr" in row or done == cfg.steps):
+                log_metrics({k: v for k, v in row.items() if k != "step"}, done)
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(done)
+
+    seconds = time.perf_counter() - t0
+    ran = cfg.steps - start
+    if world > 1:
+        dist.barrier()
+    return FitResult(
+        steps=cfg.steps,
+        best_step=best_step,
+        best_metrics=best,
+        best_state=best_state,
+        last_metrics=last_metrics,
+        curve=curve,
+        seconds=seconds,
+        steps_per_s=ran / seconds if seconds > 0 else 0.0,
+        resumed_from=start,
+    )
+
+
+def _jsonable(d: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(d, sort_keys=True, default=str))

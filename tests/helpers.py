@@ -1,0 +1,83 @@
+"""Small builders shared by the pipeline tests (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from sharpkd.config import Params, params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# A profile small enough for unit tests on a 2-core CPU (seconds, not minutes).
+TINY = {
+    "data": {"scale": 2, "patch_size": 32, "patches_per_image": 6, "valid_max_side": 96, "samples": {"valid_count": 2}},
+    "teacher": {"feature_channels": 4, "train": {"channels": 8, "blocks": 1, "steps": 40, "batch_size": 8, "lr": 0.002}},
+    "student": {"channels": 8, "blocks": 1},
+    "distill": {"steps": 12, "batch_size": 4, "eval_every": 6, "checkpoint_every": 4, "warmup_steps": 2},
+    "infer": {"tile": 64, "overlap": 8},
+    "tracking": {"enabled": False},
+}
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def repo_params_dict() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def tiny_params(**overrides) -> Params:
+    return params_from_dict(deep_update(deep_update(repo_params_dict(), TINY), overrides))
+
+
+class NullTracker:
+    """Stands in for tracking when a test calls stage logic directly (tracking has its own tests)."""
+
+    def log_metrics(self, *a, **k): ...
+    def log_params(self, *a, **k): ...
+    def set_tags(self, *a, **k): ...
+    def log_artifact(self, *a, **k): ...
+    def log_artifacts(self, *a, **k): ...
+    def log_onnx_model(self, *a, **k): ...
+
+
+def make_pairs(root: Path, params: Params) -> Path:
+    """Real download (samples) + degrade into root/data; returns root/data/pairs."""
+    from sharpkd.data.degrade import build_pairs
+    from sharpkd.data.sources import build_raw_dataset
+
+    build_raw_dataset(params, out_dir=root / "data" / "raw", tracker=NullTracker())
+    build_pairs(params, raw_dir=root / "data" / "raw", out_dir=root / "data" / "pairs", tracker=NullTracker())
+    return root / "data" / "pairs"
+
+
+class serve_folder:
+    """Serve `folder` over HTTP on 127.0.0.1 (a free port) in a thread: `with serve_folder(p) as base_url:`."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def __enter__(self) -> str:
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(self.folder)))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

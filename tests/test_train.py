@@ -1,0 +1,195 @@
+"""Student, losses, the training loop and the distill stage (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, NullTracker, make_pairs, tiny_params
+
+from sharpkd.config import LossParams
+from sharpkd.errors import UserError
+from sharpkd.losses import VGG19_FILE, DistillObjective
+from sharpkd.models.student import Student, conv_macs, count_params
+from sharpkd.train import FitConfig, NonFiniteLossError, fit
+
+torch.set_num_threads(1)
+
+
+def test_student_default_size_and_cost():
+    s = Student(scale=4, channels=32, blocks=4)
+    assert 50_000 <= count_params(s) <= 100_000
+    # One 3x3 conv stack on a 480x270 grid: params * positions, roughly.
+    assert 5 < conv_macs(s) / 1e9 < 12
+
+
+@pytest.mark.parametrize("size", [(1, 3, 37, 53), (2, 3, 64, 31), (1, 3, 5, 7)])
+def test_student_any_size(size):
+    s = Student(scale=4, channels=8, blocks=1)
+    with torch.no_grad():
+        out, feat = s.forward_with_features(torch.rand(size))
+    assert out.shape == size
+    assert feat.shape[-2:] == (-(-size[2] // 4), -(-size[3] // 4))
+
+
+def test_student_starts_as_identity():
+    x = torch.rand(1, 3, 20, 24)
+    assert torch.equal(Student(scale=2, channels=8, blocks=1)(x), x)
+
+
+def _batch(b=2, p=16, s=2, c=4):
+    return {
+        "input": torch.rand(b, 3, p, p),
+        "hr": torch.rand(b, 3, p, p),
+        "teacher": torch.rand(b, 3, p, p),
+        "feat": torch.rand(b, c, p // s, p // s),
+    }
+
+
+def _vgg_dir(tmp_path: Path) -> Path:
+    """A VGG19 file with random weights (only the layers up to relu3_4), so no download is needed."""
+    from torchvision.models import vgg19
+
+    feats = vgg19().features[:18]
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / VGG19_FILE)
+    return tmp_path
+
+
+@pytest.mark.parametrize("term", ["pixel", "kd", "perceptual", "feature"])
+def test_each_loss_term_reaches_the_student(term, tmp_path):
+    weights = {"pixel": 0.0, "kd": 0.0, "perceptual": 0.0, "feature": 0.0, term: 1.0}
+    student = Student(scale=2, channels=8, blocks=1)
+    torch.nn.init.normal_(student.tail.weight, std=0.1)  # a zero tail would block gradients upstream
+    obj = DistillObjective(student, LossParams(**weights), teacher_feat_channels=4, weights_dir=_vgg_dir(tmp_path) if term == "perceptual" else None)
+    total, terms = obj(_batch())
+    assert set(terms) == {term} and total.item() > 0
+    total.backward()
+    assert student.head[0].weight.grad is not None and student.head[0].weight.grad.abs().sum() > 0
+    if term == "feature":
+        assert obj.projector.weight.grad.abs().sum() > 0
+
+
+def test_zero_weight_terms_load_nothing(monkeypatch):
+    import torchvision.models
+
+    def boom(*a, **k):
+        raise AssertionError("VGG must not be built when loss.perceptual is 0")
+
+    monkeypatch.setattr(torchvision.models, "vgg19", boom)
+    obj = DistillObjective(Student(scale=2, channels=8, blocks=1), LossParams(pixel=1, kd=0, perceptual=0, feature=0))
+    assert obj.vgg is None and obj.projector is None
+    assert obj.needed_keys() == ("input", "hr")
+
+
+def test_missing_vgg_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(UserError) as err:
+        DistillObjective(Student(scale=2, channels=8, blocks=1), LossParams(perceptual=0.1), weights_dir=tmp_path / "w")
+    msg = str(err.value)
+    assert VGG19_FILE in msg and str(tmp_path / "w") in msg and "download.pytorch.org" in msg
+
+
+def test_non_finite_loss_stops(tmp_path):
+    student = Student(scale=2, channels=8, blocks=1)
+    obj = DistillObjective(student, LossParams(pixel=1, kd=0))
+
+    def batch_fn(step):
+        b = _batch()
+        b["hr"][0, 0, 0, 0] = float("nan") if step == 3 else 0.0
+        return b
+
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        fit(obj, batch_fn, FitConfig(steps=6, lr=1e-3, checkpoint_every=1), checkpoint_path=tmp_path / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Real degrade + trained tiny teacher + teacher cache, built once for this module."""
+    from sharpkd.build_teacher import build_teacher
+    from sharpkd.teacher_cache import cache_teacher
+
+    root = tmp_path_factory.mktemp("pipe")
+    params = tiny_params()
+    make_pairs(root, params)
+    build_teacher(params, NullTracker(), pairs_dir=root / "data/pairs", out_dir=root / "models/teacher")
+    cache_teacher(params, NullTracker(), pairs_dir=root / "data/pairs", teacher_dir=root / "models/teacher", out_dir=root / "data/teacher")
+    return root
+
+
+def _distill(root, params, tag, **kw):
+    from sharpkd.distill import distill
+
+    return distill(
+        params, NullTracker(), pairs_dir=root / "data/pairs", teacher_dir=root / "data/teacher",
+        out_dir=root / tag / "student", checkpoint_dir=root / tag / "ckpt", metrics_dir=root / tag / "metrics", **kw,
+    )
+
+
+def test_distill_writes_outputs(pipeline):
+    summary = _distill(pipeline, tiny_params(loss={"feature": 0.1}), "full")
+    out = pipeline / "full"
+    assert (out / "student/student.pth").is_file() and (out / "student/last.pth").is_file()
+    assert json.loads((out / "metrics/train.json").read_text())["steps"] == 12
+    curve = (out / "metrics/train_curve.tsv").read_text().splitlines()
+    assert curve[0].split("\t")[:2] == ["step", "loss"] and "val_psnr" in curve[0] and len(curve) == 13
+    assert summary["loss_terms"] == ["pixel", "kd", "feature"]
+
+
+def test_resume_equals_uninterrupted(pipeline, monkeypatch):
+    import sharpkd.data.datasets as ds
+
+    params = tiny_params()
+    ref = _distill(pipeline, params, "ref")
+    ref_state = torch.load(pipeline / "ref/student/last.pth", weights_only=True)["state_dict"]
+
+    # Kill the run at step 9 (after the checkpoint at step 8), then start it again.
+    original = ds.TrainPatches.batch_fn
+
+    def dying(self, *a, **k):
+        fn = original(self, *a, **k)
+
+        def batch(step):
+            if step == 9:
+                raise KeyboardInterrupt
+            return fn(step)
+
+        return batch
+
+    monkeypatch.setattr(ds.TrainPatches, "batch_fn", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _distill(pipeline, params, "resumed")
+    assert not (pipeline / "resumed/student").exists()  # nothing half-written
+    monkeypatch.setattr(ds.TrainPatches, "batch_fn", original)
+    again = _distill(pipeline, params, "resumed")
+    assert again["resumed_from"] == 8
+    state = torch.load(pipeline / "resumed/student/last.pth", weights_only=True)["state_dict"]
+    for k in ref_state:
+        assert torch.equal(ref_state[k], state[k]), k
+    assert again["val_psnr"] == ref["val_psnr"]
+
+
+def test_two_process_gloo(pipeline, tmp_path):
+    """`torchrun --nproc_per_node=2 stages/distill.py` trains with DDP on CPU; rank 0 writes."""
+    work = tmp_path / "ddp"
+    (work / "data").mkdir(parents=True)
+    for sub in ("pairs", "teacher"):
+        os.symlink(pipeline / "data" / sub, work / "data" / sub)
+    import yaml
+
+    from helpers import TINY, deep_update, repo_params_dict
+
+    (work / "params.yaml").write_text(yaml.safe_dump(deep_update(repo_params_dict(), TINY)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "stages/distill.py")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((work / "metrics/train.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12
+    assert (work / "models/student/student.pth").is_file()
