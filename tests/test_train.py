@@ -137,7 +137,7 @@ def test_distill_writes_outputs(pipeline):
     assert json.loads((out / "metrics/train.json").read_text())["steps"] == 12
     curve = (out / "metrics/train_curve.tsv").read_text().splitlines()
     assert curve[0].split("\t")[:2] == ["step", "loss"] and "val_psnr" in curve[0] and len(curve) == 13
-    assert summary["loss_terms"] == ["pixel", "kd", "feature"]
+    assert json.loads((out / "student/student.json").read_text())["loss_terms"] == ["pixel", "kd", "feature"]
 
 
 def test_resume_equals_uninterrupted(pipeline, monkeypatch):

@@ -15,16 +15,15 @@ from sharpkd.models.edsr import EDSR
 
 
 def build_teacher(params: Params, tracker, pairs_dir="data/pairs", out_dir="models/teacher") -> dict:
-    from sharpkd import weights
-
     scale, source = params.data.scale, params.teacher.source
-    wdir = weights.weights_dir(params.weights.dir)
     with atomic_dir(out_dir) as tmp:
         dest = tmp / "teacher.pth"
         if source in ("swinir", "checkpoint"):
             if source == "swinir":
+                from sharpkd import weights
+
                 spec = weights.PRETRAINED[f"swinir_x{scale}"]
-                path = weights.fetch_weights(spec["filename"], spec["url"], spec["sha256"], wdir)
+                path = weights.fetch_weights(spec["filename"], spec["url"], spec["sha256"], weights.weights_dir(params.weights.dir))
             else:
                 path = Path(params.teacher.checkpoint)
             model, arch, _ = T.load_spandrel(path, scale)
@@ -32,10 +31,11 @@ def build_teacher(params: Params, tracker, pairs_dir="data/pairs", out_dir="mode
             info = T.describe(model, source=source, loader="spandrel", architecture=arch, scale=scale, weights=dest,
                               feature_layers=params.teacher.feature_layers, origin=str(path))
         elif source == "pan":
+            from sharpkd import weights
             from sharpkd.models.pan import PAN
 
             spec = weights.PRETRAINED[f"pan_x{scale}"]
-            path = weights.fetch_weights(spec["filename"], spec["url"], spec["sha256"], wdir)
+            path = weights.fetch_weights(spec["filename"], spec["url"], spec["sha256"], weights.weights_dir(params.weights.dir))
             model = PAN(scale=scale)
             try:
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)

@@ -77,12 +77,12 @@ def distill(
         "params": count_params(best),
         "gmacs_1080p": round(conv_macs(best) / 1e9, 3),
         "world_size": world,
-        "loss_terms": [k for k, v in objective.w.items() if v > 0],
     }
+    loss_terms = [k for k, v in objective.w.items() if v > 0]
     with atomic_dir(out_dir) as tmp:
         save_student(best, tmp / "student.pth", {"val": result.best_metrics, "step": result.best_step})
         save_student(student_cpu, tmp / "last.pth", {"val": result.last_metrics, "step": result.steps})
-        write_json(tmp / "student.json", {"arch": best.arch_kwargs(), **summary})
+        write_json(tmp / "student.json", {"arch": best.arch_kwargs(), "loss_terms": loss_terms, **summary})
     write_json(Path(metrics_dir) / "train.json", summary)
     with atomic_path(Path(metrics_dir) / "train_curve.tsv") as tmp:
         pd.DataFrame(result.curve).to_csv(tmp, sep="\t", index=False, float_format="%.6g")

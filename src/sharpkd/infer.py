@@ -89,7 +89,7 @@ def tiled_apply(
             win = (wy[:, None] * wx[None, :]).to(x.device)
             out[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale] += piece * win
             weight[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale] += win
-    return out / weight
+    return out.div_(weight)
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:

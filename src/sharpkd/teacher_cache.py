@@ -83,7 +83,7 @@ def cache_teacher(params: Params, tracker, pairs_dir="data/pairs", teacher_dir="
     bs = params.cache.batch_size
 
     def run(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255).to(device)
+        x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).float().div_(255).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         feats = tap.features() if tap else None

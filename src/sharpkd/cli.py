@@ -1,0 +1,133 @@
+"""`sharpkd ...`: the command line. Thin: each command parses options and calls a module."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sharpkd.errors import UserError
+
+app = typer.Typer(
+    help="sharpkd: image sharpening by knowledge distillation (a DVC + MLflow + PyTorch pipeline).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """A UserError becomes one line on stderr and exit status 1, never a traceback."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+class Device(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command(no_args_is_help=True)
+def sharpen(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT", help="Image or video files, folders (recursive) or globs (quote them)."
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="With one input file: the output file. Otherwise: a folder. "
+            "Default: <name>_sharp.<ext> beside each input (videos: <name>_sharp.mp4).",
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A .onnx (default: models/export/student.onnx), TorchScript .pt or student .pth.",
+        ),
+    ] = None,
+    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.cpu,
+    tile: Annotated[
+        int | None, typer.Option(help="Tile side in pixels (default: infer.tile of params.yaml, or 256).")
+    ] = None,
+    overlap: Annotated[
+        int | None, typer.Option(help="Tile overlap in pixels (default: infer.overlap).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing outputs, even an input.")
+    ] = False,
+    preview: Annotated[
+        bool, typer.Option("--preview", help="Also write <output>_preview: input | sharpened, side by side.")
+    ] = False,
+) -> None:
+    """Sharpen images (PNG, JPEG, WebP, TIFF; alpha, 16-bit and EXIF orientation kept) and videos (MP4, what OpenCV reads; no audio)."""
+    from sharpkd.sharpen import sharpen_paths
+
+    with _user_errors():
+        code = sharpen_paths(inputs, output, model, device.value, tile, overlap, overwrite, preview)
+    raise typer.Exit(code)
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Student .pth, .pt or .onnx (default: models/student/student.pth and models/export/student.onnx).",
+        ),
+    ] = None,
+    teacher: Annotated[
+        bool, typer.Option("--teacher", help="Also time the teacher (models/teacher).")
+    ] = False,
+    sizes: Annotated[str, typer.Option(help="Comma-separated: 720p, 1080p, 4k or WxH.")] = "720p,1080p,4k",
+    repeats: Annotated[int, typer.Option(help="Timed runs per figure (median), after one warm-up.")] = 5,
+    threads: Annotated[
+        int, typer.Option(help="torch and ONNX Runtime CPU threads (0: torch's default).")
+    ] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
+    ] = None,
+) -> None:
+    """Milliseconds per frame and frames/s of the student (torch, ONNX Runtime; CUDA when present) and the teacher."""
+    from rich.console import Console
+
+    from sharpkd.bench import render_table, run_bench
+    from sharpkd.files import write_json
+    from sharpkd.sharpen import default_tiling
+
+    console = Console()
+    with _user_errors():
+        tile, overlap = default_tiling()
+        with console.status("timing...") as status:
+            result = run_bench(
+                model,
+                teacher,
+                sizes,
+                repeats,
+                threads,
+                tile,
+                overlap,
+                progress=lambda what: status.update(f"timing {what}"),
+            )
+        for note in result["notes"]:
+            console.print(note, soft_wrap=True, markup=False, highlight=False)
+        console.print(render_table(result))
+        if json_path is not None:
+            write_json(json_path, result)
+            console.print(f"wrote {json_path}", markup=False)

@@ -1,0 +1,182 @@
+"""The export stage: ONNX (fp32, fp16) and TorchScript files, parity with PyTorch, speed, model card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sharpkd.config import params_from_dict
+from sharpkd.errors import UserError
+from sharpkd.export import export_onnx, export_student
+from sharpkd.models.student import Student, save_student
+
+
+def trained_tiny_student(scale: int = 2) -> Student:
+    """A tiny student after a few real optimisation steps (undo a blur), so the residual branch is not zero."""
+    torch.manual_seed(0)
+    model = Student(scale=scale, channels=8, blocks=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    blur = torch.ones(3, 1, 3, 3) / 9
+    for _ in range(15):
+        sharp = torch.rand(4, 3, 24, 24)
+        soft = torch.nn.functional.conv2d(sharp, blur, padding=1, groups=3)
+        loss = (model(soft) - sharp).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.tail.weight.abs().sum() > 0
+    return model.eval()
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """What the export stage reads: the student, a validation image, teacher.json, the raw manifest, eval.json."""
+    save_student(trained_tiny_student(), tmp_path / "models/student/student.pth")
+    valid = tmp_path / "data/pairs/valid/input"
+    valid.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)).save(valid / "0001.png")
+    (tmp_path / "models/teacher").mkdir(parents=True)
+    (tmp_path / "models/teacher/teacher.json").write_text(
+        json.dumps({"source": "train", "architecture": "EDSR-sharpkd", "scale": 2, "params": 12345})
+    )
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/manifest.csv").write_text(
+        "split,source,name,width,height,sha256,note\ntrain,samples,a,64,48,x,\nvalid,samples,b,80,60,y,\n"
+    )
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/eval.json").write_text(
+        json.dumps(
+            {
+                "valid.bicubic.psnr": 25.0,
+                "valid.student.psnr": 26.5,
+                "valid.student.ssim": 0.8,
+                "speedup": 9.0,
+            }
+        )
+    )
+    return tmp_path
+
+
+def _export(ws, **export_params):
+    params = params_from_dict({"data": {"scale": 2}, "export": {"speed_repeats": 1, **export_params}})
+    tracker = RecordingTracker()
+    metrics = export_student(
+        params,
+        tracker,
+        student_path=ws / "models/student/student.pth",
+        out_dir=ws / "models/export",
+        metrics_path=ws / "metrics/export.json",
+        valid_dir=ws / "data/pairs/valid/input",
+        eval_path=ws / "metrics/eval.json",
+        teacher_dir=ws / "models/teacher",
+        manifest=ws / "data/raw/manifest.csv",
+    )
+    return metrics, tracker
+
+
+def test_export_writes_models_parity_speed_and_card(workspace):
+    metrics, tracker = _export(workspace)
+    out = workspace / "models/export"
+    for name in ("student.onnx", "student_fp16.onnx", "student.pt", "model_card.md", "model_card.json"):
+        assert (out / name).is_file(), name
+
+    saved = json.loads((workspace / "metrics/export.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert all(not isinstance(v, dict) for v in saved.values()), "metrics/export.json must be flat"
+    assert saved["parity.inputs"].startswith("0001.png")  # the real validation image is checked first
+    assert saved["parity.onnx_fp32.max_abs"] <= 1e-4
+    assert saved["parity.torchscript.max_abs"] <= 1e-4
+    fp16 = saved["parity.onnx_fp16.max_abs"]
+    assert (fp16 is not None and fp16 < 1e-2) or saved["parity.onnx_fp16.reason"]
+    assert saved["speed.onnx_cpu.ms_1080p"] > 0 and saved["speed.onnx_cpu.fps_1080p"] > 0
+    assert saved["speed.torch_threads"] == torch.get_num_threads()
+    if saved["speed.onnx_cuda.ms_1080p"] is None:
+        assert "CUDA" in saved["speed.onnx_cuda.reason"]
+
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["architecture"]["scale"] == 2 and card["params"] == saved["params"]
+    assert card["macs_1080p"] > 0
+    assert card["teacher"]["architecture"] == "EDSR-sharpkd"
+    assert card["data"]["images"] == {"train": 1, "valid": 1}
+    assert card["params_used"]["export.speed_repeats"] == 1
+    assert card["evaluation"]["valid.student.psnr"] == 26.5
+    md = (out / "model_card.md").read_text()
+    for text in ("Intended use", "Limits", "EDSR-sharpkd", "| valid | student | 26.5 | 0.8 |", "onnx_cpu"):
+        assert text in md, text
+
+    names = [c[0] for c in tracker.calls]
+    assert {"log_metrics", "log_artifact", "log_onnx_model"} <= set(names)
+    onnx_call = next(c for c in tracker.calls if c[0] == "log_onnx_model")
+    assert onnx_call[1][0] == out / "student.onnx"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_exported_onnx_and_torchscript_take_any_size(workspace):
+    """Odd sizes and a batch: the internal replicate padding is symbolic in both graphs."""
+    import onnxruntime as ort
+
+    _export(workspace, fp16=False)
+    out = workspace / "models/export"
+    assert not (out / "student_fp16.onnx").exists()
+    model = torch.load(workspace / "models/student/student.pth", weights_only=True)
+    student = Student(**model["arch"])
+    student.load_state_dict(model["state_dict"])
+    student.eval()
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["sharpkd.scale"] == "2"
+    scripted = torch.jit.load(str(out / "student.pt"))
+    for shape in [(3, 3, 21, 17), (1, 3, 8, 9), (1, 3, 1, 1)]:
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            ref = student(x)
+            ts = scripted(x)
+        onnx_out = session.run(None, {"input": x.numpy()})[0]
+        assert onnx_out.shape == shape and np.abs(onnx_out - ref.numpy()).max() < 1e-5
+        assert torch.allclose(ts, ref, atol=1e-6)
+
+
+def test_parity_failure_writes_nothing(workspace, monkeypatch):
+    import sharpkd.export as export
+
+    monkeypatch.setattr(
+        export,
+        "check_parity",
+        lambda *a, **k: {"parity.onnx_fp32.max_abs": 0.5, "parity.torchscript.max_abs": 0.0},
+    )
+    with pytest.raises(UserError, match="onnx_fp32.*parity_tol"):
+        _export(workspace)
+    assert not (workspace / "models/export").exists()
+    assert not (workspace / "metrics/export.json").exists()
+
+
+def test_missing_student_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="student.pth.*dvc repro distill"):
+        export_student(
+            params_from_dict({}), None, student_path=tmp_path / "student.pth", out_dir=tmp_path / "out"
+        )
+
+
+def test_fp16_onnx_runs_close_to_fp32(tmp_path):
+    import onnxruntime as ort
+
+    student = trained_tiny_student(scale=3)
+    path = export_onnx(student, tmp_path / "h.onnx", fp16=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    x = torch.rand(1, 3, 31, 29)
+    out = session.run(None, {"input": x.numpy().astype(np.float16)})[0]
+    with torch.no_grad():
+        assert np.abs(out.astype(np.float32) - student(x).numpy()).max() < 1e-2
