@@ -9,6 +9,7 @@ loss.perceptul=0.1` fails at once instead of silently doing nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,8 +202,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     wrong = ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is Literal:
         allowed = typing.get_args(tp)
-        # bool is an int subclass: true must not pass as 1.
-        if isinstance(value, bool) or value not in allowed:
+        # Compare types too: bool is an int subclass (true == 1) and 4.0 == 4, neither may pass as the int 4.
+        if not any(type(value) is type(a) and value == a for a in allowed):
             raise wrong
         return value
     if origin is tuple:
@@ -232,6 +233,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong
+        if not math.isfinite(value):  # YAML's .nan would slip through every range check
+            raise ConfigError(f"params: '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -250,7 +253,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"params: '{where}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
         raise ConfigError(f"params: unknown key '{key}'; allowed keys here: {', '.join(fields)}")
@@ -260,7 +263,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         converted = _convert(value, hints[name], key)
         lo, hi = fields[name].metadata.get("range", (None, None))
         if lo is not None and converted < lo or hi is not None and converted > hi:
-            bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            if lo is None:
+                bounds = f"at most {hi}"
+            elif hi is None:
+                bounds = f"at least {lo}"
+            else:
+                bounds = f"between {lo} and {hi}"
             raise ConfigError(f"params: '{key}' must be {bounds}, got {value!r}")
         values[name] = converted
     return cls(**values)
@@ -269,13 +277,21 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _check_relations(p: Params) -> None:
     s = p.data.scale
     if p.data.patch_size % s:
-        raise ConfigError(f"params: 'data.patch_size' ({p.data.patch_size}) must be a multiple of data.scale ({s})")
+        raise ConfigError(
+            f"params: 'data.patch_size' ({p.data.patch_size}) must be a multiple of data.scale ({s})"
+        )
     if p.data.source == "folder" and not p.data.folder.train:
-        raise ConfigError("params: 'data.folder.train' must name a folder of images when data.source is 'folder'")
+        raise ConfigError(
+            "params: 'data.folder.train' must name a folder of images when data.source is 'folder'"
+        )
     if p.teacher.source == "checkpoint" and not p.teacher.checkpoint:
-        raise ConfigError("params: 'teacher.checkpoint' must be a file path when teacher.source is 'checkpoint'")
+        raise ConfigError(
+            "params: 'teacher.checkpoint' must be a file path when teacher.source is 'checkpoint'"
+        )
     if p.infer.overlap * 2 >= p.infer.tile:
-        raise ConfigError(f"params: 'infer.overlap' ({p.infer.overlap}) must be less than half of infer.tile ({p.infer.tile})")
+        raise ConfigError(
+            f"params: 'infer.overlap' ({p.infer.overlap}) must be less than half of infer.tile ({p.infer.tile})"
+        )
     for key, (lo, hi) in {
         "degradation.jpeg_quality": p.degradation.jpeg_quality,
         "degradation.blur_sigma": p.degradation.blur_sigma,
@@ -315,4 +331,3 @@ def flatten(params: Params | dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = list(v) if isinstance(v, tuple) else v
     return out
-
