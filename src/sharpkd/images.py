@@ -15,6 +15,20 @@ from sharpkd.files import atomic_path
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 
 
+EXIF_ORIENTATION = 0x0112
+
+# EXIF orientation -> the numpy equivalent of the transpose PIL's exif_transpose applies (HxWxC arrays).
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
 class ImageReadError(UserError):
     """An image file that cannot be decoded; the message names the file."""
 
@@ -47,14 +61,21 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                # Read before load(): Pillow's TIFF loader turns the pixels itself and drops the tag.
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+                deep_tiff = im.format == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8
                 im.load()
                 im = ImageOps.exif_transpose(im)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: cannot decode image ({exc})") from None
 
     notes = []
+    if orientation in _ORIENT:
+        notes.append(f"EXIF orientation {orientation} applied")
+    else:
+        orientation = 1
     mode = im.mode
     alpha = None
     if mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
@@ -70,7 +91,8 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         rgb = np.repeat(np.clip(arr, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
-        return LoadedImage(rgb, None, "float grayscale converted to 8-bit RGB")
+        notes.append("float grayscale converted to 8-bit RGB")
+        return LoadedImage(rgb, None, "; ".join(notes))
 
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
@@ -80,6 +102,8 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
         notes.append(f"{mode} image: alpha channel separated")
         if mode in ("LA",):
             notes.append("grayscale expanded to RGB")
+        if _is_16bit_png(path):
+            notes.append("16-bit scaled to 8-bit")  # PIL reads 16-bit RGBA PNGs as 8-bit RGBA
         return LoadedImage(rgb, alpha, "; ".join(notes))
     if mode != "RGB":
         if mode in ("L", "1"):
@@ -89,9 +113,12 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
         im = im.convert("RGB")
     rgb = np.asarray(im)
     # PIL decodes 16-bit RGB PNGs only as 8-bit "RGB"; 48-bit TIFF/PNG via OpenCV keeps 16 bits.
-    if keep_16bit or _is_16bit_color(path):
+    if keep_16bit or deep_tiff or _is_16bit_png(path):
         rgb16 = _read_16bit_color(path)
-        if rgb16 is not None:
+        if rgb16 is not None and rgb16.shape[:2] in (rgb.shape[:2], rgb.shape[1::-1]):
+            # OpenCV's IMREAD_UNCHANGED ignores EXIF: turn the pixels the way PIL turned its copy.
+            rgb16 = _ORIENT[orientation](rgb16) if orientation != 1 else rgb16
+            rgb16 = np.ascontiguousarray(rgb16)
             if keep_16bit:
                 return LoadedImage(rgb16, alpha, "; ".join(notes))
             notes.append("16-bit scaled to 8-bit")
@@ -112,16 +139,28 @@ def _to8(a16: np.ndarray) -> np.ndarray:
     return ((a16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _is_16bit_color(path: Path) -> bool:
-    if path.suffix.lower() == ".png":
-        with path.open("rb") as f:
-            head = f.read(26)
-        # PNG IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, 6 = RGBA).
-        return len(head) == 26 and head[24] == 16 and head[25] in (2, 6)
-    return path.suffix.lower() in (".tif", ".tiff")
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, tuple | list) else (v,)
+
+
+def _is_16bit_png(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(26)
+    # PNG signature, then IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, 6 = RGBA).
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[24] == 16 and head[25] in (2, 6)
 
 
 def _read_16bit_color(path: Path) -> np.ndarray | None:
+    """HxWx3 uint16 RGB as stored (no EXIF turning), or None. PIL reads 48-bit colour only as 8-bit."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            import tifffile  # comes with scikit-image; OpenCV fails on TIFFs with an Orientation tag
+
+            arr = tifffile.imread(path, key=0)
+            if arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] in (3, 4):
+                return np.ascontiguousarray(arr[..., :3])
+        except Exception:  # unusual compression or layout: let OpenCV try
+            pass
     import cv2
 
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
@@ -151,7 +190,15 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         im = Image.fromarray(rgb, "RGB")
         if alpha is not None and suffix not in (".jpg", ".jpeg"):
             im.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
-        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}.get(suffix)
+        fmt = {
+            ".jpg": "JPEG",
+            ".jpeg": "JPEG",
+            ".png": "PNG",
+            ".webp": "WEBP",
+            ".tif": "TIFF",
+            ".tiff": "TIFF",
+            ".bmp": "BMP",
+        }.get(suffix)
         if fmt is None:
             raise UserError(f"{path}: unsupported output format '{suffix}' (use .png, .jpg, .webp, .tif)")
         kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
