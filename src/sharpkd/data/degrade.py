@@ -2,14 +2,14 @@
 
 Order: downscale by `scale` (PIL's antialiased bicubic, which matches MATLAB's
 imresize to 50+ dB on Set5) -> round to uint8 = the LR image -> optional blur,
-noise, JPEG on the LR image (what a downscaled, compressed video frame goes
-through) -> upscale back to full size. Every random draw comes from the
-caller's numpy Generator, so the same seed gives the same bytes.
+noise, JPEG on the LR image through albumentations (what a downscaled, compressed
+video frame goes through) -> upscale back to full size. Every random draw comes
+from the caller's numpy Generator (albumentations gets fixed parameters and a
+drawn seed), so the same seed gives the same bytes.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -36,39 +36,63 @@ def resize(img: np.ndarray, size: tuple[int, int], kernel: str = "bicubic") -> n
     return np.clip(np.stack(channels, axis=2).round(), 0, 255).astype(np.uint8)
 
 
+def draw_degradation(deg: DegradationParams, rng: np.random.Generator) -> dict:
+    """The random part of one degradation, drawn from `rng` only: the record the manifests store.
+
+    Every value is drawn, used or not, in a fixed order, so a change to one probability leaves
+    the other draws alone. Sigmas are rounded before use so the record is exactly what was applied.
+    """
+    use_blur, use_noise, use_jpeg = rng.random(3) < (deg.blur_prob, deg.noise_prob, deg.jpeg_prob)
+    blur_sigma = round(float(rng.uniform(*deg.blur_sigma)), 4)
+    noise_sigma = round(float(rng.uniform(*deg.noise_sigma)), 4)
+    quality = int(rng.integers(deg.jpeg_quality[0], deg.jpeg_quality[1] + 1))
+    noise_seed = int(rng.integers(0, 2**31 - 1))
+    return {
+        "jpeg_quality": quality if use_jpeg else None,
+        "blur_sigma": blur_sigma if use_blur else 0.0,
+        "noise_sigma": noise_sigma if use_noise else 0.0,
+        "noise_seed": noise_seed if use_noise else None,
+    }
+
+
+def apply_degradation(lr: np.ndarray, record: dict) -> np.ndarray:
+    """Blur, noise, JPEG on the LR image (the order a downscaled, compressed frame goes through), via albumentations.
+
+    Each transform gets fixed parameters from `record`, and the noise transform a seed from it, so
+    albumentations' own random state never decides anything: the same record gives the same bytes.
+    """
+    import albumentations as A
+
+    out = lr
+    if record["blur_sigma"]:
+        sigma = float(record["blur_sigma"])
+        out = A.GaussianBlur(blur_limit=(0, 0), sigma_limit=(sigma, sigma), p=1.0)(image=out)["image"]
+    if record["noise_sigma"]:
+        std = float(record["noise_sigma"]) / 255.0  # the param is in 0-255 units; albumentations: a fraction
+        noise = A.GaussNoise(std_range=(std, std), mean_range=(0.0, 0.0), per_channel=True, p=1.0)
+        noise.set_random_seed(int(record["noise_seed"]))
+        # On float: on uint8 albumentations truncates the noise toward zero (std 3.6 for sigma 4).
+        noisy = noise(image=out.astype(np.float32) / 255.0)["image"]
+        out = np.clip(np.round(noisy * 255.0), 0, 255).astype(np.uint8)
+    if record["jpeg_quality"] is not None:
+        q = int(record["jpeg_quality"])
+        jpeg = A.ImageCompression(compression_type="jpeg", quality_range=(q, q), p=1.0)
+        # It hands the array to OpenCV, which takes BGR: flip, so luma/chroma are those of a real JPEG of the
+        # RGB image (byte-identical to PIL's JPEG), not of a red/blue-swapped one.
+        out = jpeg(image=np.ascontiguousarray(out[..., ::-1]))["image"][..., ::-1]
+    return np.ascontiguousarray(out)
+
+
 def degrade_image(
     hr: np.ndarray, scale: int, deg: DegradationParams, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(lr uint8, degraded full-size uint8, record of what was drawn). HR sides must be multiples of scale."""
-    import albumentations as A
-
     h, w = hr.shape[:2]
     if h % scale or w % scale:
         raise ValueError(f"HR size {w}x{h} is not a multiple of scale {scale}")
     lr = resize(hr, (w // scale, h // scale), deg.downscale)
-    record = {"jpeg_quality": None, "blur_sigma": 0.0, "noise_sigma": 0.0}
-    # Draw every value first (fixed order), so a change to one probability leaves the others' draws alone.
-    use_blur, use_noise, use_jpeg = rng.random(3) < (deg.blur_prob, deg.noise_prob, deg.jpeg_prob)
-    blur_sigma = float(rng.uniform(*deg.blur_sigma))
-    noise_sigma = float(rng.uniform(*deg.noise_sigma))
-    quality = int(rng.integers(deg.jpeg_quality[0], deg.jpeg_quality[1] + 1))
-    noise = rng.standard_normal(lr.shape).astype(np.float32)
-
-    degraded_lr = lr
-    if use_blur:
-        # Fixed sigma (both ends of the range equal) keeps albumentations' own RNG out of it.
-        blur = A.GaussianBlur(blur_limit=(0, 0), sigma_limit=(blur_sigma, blur_sigma), p=1.0)
-        degraded_lr = blur(image=degraded_lr)["image"]
-        record["blur_sigma"] = round(blur_sigma, 4)
-    if use_noise:
-        degraded_lr = np.clip(degraded_lr.astype(np.float32) + noise * noise_sigma, 0, 255).round().astype(np.uint8)
-        record["noise_sigma"] = round(noise_sigma, 4)
-    if use_jpeg:
-        buf = io.BytesIO()
-        Image.fromarray(degraded_lr).save(buf, format="JPEG", quality=quality)
-        degraded_lr = np.asarray(Image.open(buf).convert("RGB"))
-        record["jpeg_quality"] = quality
-    degraded = resize(degraded_lr, (w, h), deg.upscale)
+    record = draw_degradation(deg, rng)
+    degraded = resize(apply_degradation(lr, record), (w, h), deg.upscale)
     return lr, degraded, record
 
 
@@ -86,6 +110,13 @@ def center_crop(img: np.ndarray, max_side: int) -> np.ndarray:
     return img[y : y + th, x : x + tw]
 
 
+def _manifest(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col in ("jpeg_quality", "noise_seed"):  # integers or empty, never 85.0
+        df[col] = df[col].astype("Int64")
+    return df
+
+
 def build_pairs(params: Params, raw_dir="data/raw", out_dir="data/pairs", tracker=None) -> dict:
     """Training patches (memory-mappable arrays) and whole validation images, degraded."""
     raw_dir = Path(raw_dir)
@@ -93,26 +124,36 @@ def build_pairs(params: Params, raw_dir="data/raw", out_dir="data/pairs", tracke
     manifest_path = raw_dir / "manifest.csv"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} not found; run `dvc repro download`")
-    raw = pd.read_csv(manifest_path)
-    train = raw[raw.split == "train"].name.astype(str).tolist()
-    valid = raw[raw.split == "valid"].name.astype(str).tolist()
+    # Names stay strings: DIV2K's "0801" must not become the number 801.
+    raw = pd.read_csv(manifest_path, dtype={"name": str, "split": str}, keep_default_na=False)
+    missing = {"split", "name", "width", "height"} - set(raw.columns)
+    if missing:
+        raise UserError(f"{manifest_path}: columns {sorted(missing)} missing; run `dvc repro download` again")
+    train = raw[raw.split == "train"]
+    valid = raw[raw.split == "valid"].name.tolist()
     rng = np.random.default_rng(params.seed)
 
     usable, skipped = [], []
-    for name in train:
-        img, _ = read_rgb(raw_dir / "train" / f"{name}.png")
-        if min(img.shape[:2]) < p:
-            print(f"[degrade] skipped {raw_dir / 'train' / name}.png: {img.shape[1]}x{img.shape[0]} is smaller than data.patch_size={p}")
+    for name, w, h in zip(train.name, train.width, train.height, strict=True):
+        if min(w, h) < p:
+            print(
+                f"[degrade] skipped {raw_dir / 'train' / name}.png: {w}x{h} is smaller than data.patch_size={p}"
+            )
             skipped.append(name)
         else:
             usable.append(name)
     if not usable:
-        raise UserError(f"no training image in {raw_dir / 'train'} is at least data.patch_size={p} pixels on each side")
+        raise UserError(
+            f"no training image in {raw_dir / 'train'} is at least data.patch_size={p} pixels on each side "
+            f"({len(skipped)} skipped); nothing was written to {out_dir}"
+        )
 
     n = len(usable) * per
     with atomic_dir(out_dir) as tmp:
         arrays = {
-            key: np.lib.format.open_memmap(tmp / f"train_{key}.npy", mode="w+", dtype=np.uint8, shape=(n, side, side, 3))
+            key: np.lib.format.open_memmap(
+                tmp / f"train_{key}.npy", mode="w+", dtype=np.uint8, shape=(n, side, side, 3)
+            )
             for key, side in (("hr", p), ("lr", p // s), ("input", p))
         }
         rows = []
@@ -120,6 +161,10 @@ def build_pairs(params: Params, raw_dir="data/raw", out_dir="data/pairs", tracke
         for name in tqdm(usable, desc="degrade: training patches", unit="img"):
             img, _ = read_rgb(raw_dir / "train" / f"{name}.png")
             h, w = img.shape[:2]
+            if min(h, w) < p:
+                raise UserError(
+                    f"{raw_dir / 'train' / name}.png is {w}x{h}, not what {manifest_path} says; run `dvc repro download` again"
+                )
             for _ in range(per):
                 y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
                 hr = img[y : y + p, x : x + p]
@@ -130,26 +175,34 @@ def build_pairs(params: Params, raw_dir="data/raw", out_dir="data/pairs", tracke
         for a in arrays.values():
             a.flush()
         del arrays
-        pd.DataFrame(rows).to_csv(tmp / "train_manifest.csv", index=False)
+        _manifest(rows).to_csv(tmp / "train_manifest.csv", index=False)
 
-        vrows = []
+        vrows, skipped_valid = [], []
         for j, name in enumerate(tqdm(valid, desc="degrade: validation images", unit="img")):
             img, _ = read_rgb(raw_dir / "valid" / f"{name}.png")
             hr = crop_to_multiple(center_crop(img, params.data.valid_max_side), s)
             if min(hr.shape[:2]) < s:
-                print(f"[degrade] skipped validation image {name}: too small for scale {s}")
+                print(
+                    f"[degrade] skipped {raw_dir / 'valid' / name}.png: {img.shape[1]}x{img.shape[0]} is too small for scale {s}"
+                )
+                skipped_valid.append(name)
                 continue
-            lr, degraded, record = degrade_image(hr, s, params.degradation, np.random.default_rng([params.seed, 1, j]))
+            lr, degraded, record = degrade_image(
+                hr, s, params.degradation, np.random.default_rng([params.seed, 1, j])
+            )
             for sub, arr in (("hr", hr), ("lr", lr), ("input", degraded)):
                 save_image(tmp / "valid" / sub / f"{name}.png", arr)
-            vrows.append({"index": len(vrows), "name": name, "width": hr.shape[1], "height": hr.shape[0], **record})
+            vrows.append(
+                {"index": len(vrows), "name": name, "width": hr.shape[1], "height": hr.shape[0], **record}
+            )
         if not vrows:
             raise UserError(f"no usable validation image in {raw_dir / 'valid'}")
-        pd.DataFrame(vrows).to_csv(tmp / "valid_manifest.csv", index=False)
+        _manifest(vrows).to_csv(tmp / "valid_manifest.csv", index=False)
         summary = {
             "train_patches": n,
             "train_images": len(usable),
             "skipped_small": skipped,
+            "skipped_small_valid": skipped_valid,
             "valid_images": len(vrows),
             "scale": s,
             "patch_size": p,
@@ -157,7 +210,11 @@ def build_pairs(params: Params, raw_dir="data/raw", out_dir="data/pairs", tracke
             "degradation": json.loads(json.dumps(params.degradation.__dict__, default=list)),
         }
         write_json(tmp / "pairs.json", summary)
-    print(f"[degrade] {n} training patches from {len(usable)} images ({len(skipped)} skipped), {len(vrows)} validation images")
+    print(
+        f"[degrade] {n} training patches from {len(usable)} images ({len(skipped)} skipped), {len(vrows)} validation images"
+    )
     if tracker is not None:
-        tracker.log_metrics({"degrade.train_patches": n, "degrade.valid_images": len(vrows), "degrade.skipped": len(skipped)})
+        tracker.log_metrics(
+            {"degrade.train_patches": n, "degrade.valid_images": len(vrows), "degrade.skipped": len(skipped)}
+        )
     return summary

@@ -1,0 +1,364 @@
+"""The degrade stage (issue 2, points 6 and 7): bicubic convention, degradations, patches, determinism."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from helpers import SHARED, NullTracker, tiny_params
+from sharpkd.config import DegradationParams
+from sharpkd.data.degrade import (
+    apply_degradation,
+    build_pairs,
+    crop_to_multiple,
+    degrade_image,
+    draw_degradation,
+    resize,
+)
+from sharpkd.data.sources import build_raw_dataset
+from sharpkd.errors import UserError
+from sharpkd.images import read_rgb
+
+SET5 = SHARED / "testsets" / "Set5"
+ALL_ON = {"jpeg_prob": 1.0, "blur_prob": 1.0, "noise_prob": 1.0}
+ALL_OFF = {"jpeg_prob": 0.0, "blur_prob": 0.0, "noise_prob": 0.0}
+
+
+def _photo(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, 128 + 100 * np.sin(xx / 5.0 + yy / 7.0)], axis=2)
+    return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _set5_pairs():
+    hr_files = sorted((SET5 / "HR").glob("*.png"))
+    if not hr_files:
+        pytest.skip(f"{SET5 / 'HR'} not present (Set5 of ../shared/testsets)")
+    return hr_files
+
+
+# --------------------------------------------------------------------------- the bicubic convention
+
+
+def test_bicubic_set5_x4_matches_published_baseline():
+    """Down- then up-scaling Set5 x4 with our bicubic gives the published 28.42 dB PSNR-Y (within 0.05)."""
+    from sharpkd.metrics import QualityMetrics
+
+    metrics = QualityMetrics(4, lpips=False)
+    psnrs = []
+    for path in _set5_pairs():
+        hr = crop_to_multiple(read_rgb(path)[0], 4)
+        h, w = hr.shape[:2]
+        up = resize(resize(hr, (w // 4, h // 4), "bicubic"), (w, h), "bicubic")
+        psnrs.append(metrics.score(up, hr)["psnr"])
+    assert len(psnrs) == 5
+    assert abs(np.mean(psnrs) - 28.42) <= 0.05, psnrs
+
+
+def test_bicubic_downscale_matches_matlab_lr():
+    """Our (PIL, float) bicubic downscale against MATLAB's imresize LR images: 50-56 dB (DESIGN.md)."""
+    psnrs = []
+    for path in _set5_pairs():
+        lr_path = SET5 / "LR_bicubic" / "X4" / f"{path.stem}x4.png"
+        if not lr_path.is_file():
+            pytest.skip(f"{lr_path} not present (MATLAB LR images of Set5)")
+        hr = crop_to_multiple(read_rgb(path)[0], 4)
+        matlab = read_rgb(lr_path)[0]
+        ours = resize(hr, (hr.shape[1] // 4, hr.shape[0] // 4), "bicubic")
+        assert ours.shape == matlab.shape
+        mse = np.mean((ours.astype(np.float64) - matlab) ** 2)
+        psnrs.append(10 * np.log10(255**2 / mse))
+    assert min(psnrs) > 50 and 50 <= np.mean(psnrs) <= 56, psnrs
+    # Bilinear is another kernel: clearly further from MATLAB's bicubic (guards against a silent kernel swap).
+    hr = crop_to_multiple(read_rgb(_set5_pairs()[0])[0], 4)
+    bil = resize(hr, (hr.shape[1] // 4, hr.shape[0] // 4), "bilinear")
+    matlab = read_rgb(SET5 / "LR_bicubic" / "X4" / f"{_set5_pairs()[0].stem}x4.png")[0]
+    assert 10 * np.log10(255**2 / np.mean((bil.astype(np.float64) - matlab) ** 2)) < min(psnrs) - 5
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("kernel", ["bicubic", "bilinear"])
+def test_degrade_image_shapes(scale, kernel):
+    hr = _photo(12 * scale, 10 * scale, 0)
+    deg = DegradationParams(downscale=kernel, upscale=kernel, **ALL_ON)
+    lr, degraded, record = degrade_image(hr, scale, deg, np.random.default_rng(0))
+    assert lr.shape == (12, 10, 3) and degraded.shape == hr.shape
+    assert lr.dtype == degraded.dtype == np.uint8
+    np.testing.assert_array_equal(lr, resize(hr, (10, 12), kernel))  # LR is the clean downscale
+    assert not np.array_equal(degraded, resize(lr, (10 * scale, 12 * scale), kernel))  # the input is degraded
+
+
+def test_degrade_image_needs_a_multiple_of_scale():
+    with pytest.raises(ValueError, match="not a multiple of scale 4"):
+        degrade_image(_photo(30, 32, 0), 4, DegradationParams(), np.random.default_rng(0))
+
+
+def test_crop_to_multiple():
+    assert crop_to_multiple(np.zeros((31, 45, 3)), 4).shape == (28, 44, 3)
+    assert crop_to_multiple(np.zeros((30, 45, 3)), 3).shape == (30, 45, 3)
+
+
+def test_kernels_differ():
+    hr = _photo(48, 48, 1)
+    assert not np.array_equal(resize(hr, (12, 12), "bicubic"), resize(hr, (12, 12), "bilinear"))
+
+
+def test_draw_degradation_ranges_and_probabilities():
+    on = DegradationParams(jpeg_quality=(40, 60), blur_sigma=(0.5, 0.7), noise_sigma=(2.0, 3.0), **ALL_ON)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        r = draw_degradation(on, rng)
+        assert (
+            40 <= r["jpeg_quality"] <= 60 and 0.5 <= r["blur_sigma"] <= 0.7 and 2.0 <= r["noise_sigma"] <= 3.0
+        )
+        assert isinstance(r["noise_seed"], int)
+    off = draw_degradation(DegradationParams(**ALL_OFF), rng)
+    assert off == {"jpeg_quality": None, "blur_sigma": 0.0, "noise_sigma": 0.0, "noise_seed": None}
+    # Probabilities are probabilities: about half of the draws use JPEG at jpeg_prob 0.5.
+    half = DegradationParams(jpeg_prob=0.5, blur_prob=0.0, noise_prob=0.0)
+    used = sum(draw_degradation(half, rng)["jpeg_quality"] is not None for _ in range(400))
+    assert 150 < used < 250
+
+
+def test_each_degradation_does_what_it_says():
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    base = {"jpeg_quality": None, "blur_sigma": 0.0, "noise_sigma": 0.0, "noise_seed": None}
+    np.testing.assert_array_equal(apply_degradation(flat, base), flat)  # nothing drawn, nothing done
+    # Noise: sigma in 0-255 units, per pixel and channel, zero mean.
+    noisy = apply_degradation(flat, {**base, "noise_sigma": 4.0, "noise_seed": 11}).astype(np.float64) - 128
+    assert abs(noisy.std() - 4.0) < 0.3 and abs(noisy.mean()) < 0.3
+    # Blur: a sharp edge gets softer, more so for a larger sigma.
+    edge = np.zeros((32, 32, 3), np.uint8)
+    edge[:, 16:] = 255
+    soft = [apply_degradation(edge, {**base, "blur_sigma": s})[0, 13:19, 0].astype(int) for s in (0.5, 1.5)]
+    assert 0 < soft[0][2] < 128 and soft[1][2] > soft[0][2]
+    # JPEG: lower quality, larger error; and it is the JPEG of the RGB image (as PIL writes it), not of BGR.
+    img = _photo(64, 64, 2)
+    errs = [
+        np.abs(apply_degradation(img, {**base, "jpeg_quality": q}).astype(int) - img).mean() for q in (95, 30)
+    ]
+    assert 0 < errs[0] < errs[1]
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=80)
+    pil = np.asarray(Image.open(buf)).astype(int)
+    # Identical with today's wheels; the margin allows another libjpeg build (the BGR mistake reads about 4).
+    assert np.abs(apply_degradation(img, {**base, "jpeg_quality": 80}) - pil).mean() < 0.5
+
+
+def test_albumentations_global_rng_does_not_leak():
+    """Same record, any state of `random` / `np.random`: the same bytes."""
+    deg = DegradationParams(**ALL_ON)
+    hr = _photo(32, 32, 5)
+    outs = set()
+    for seed in range(3):
+        random.seed(seed)
+        np.random.seed(seed)
+        lr, degraded, record = degrade_image(hr, 2, deg, np.random.default_rng(42))
+        outs.add((lr.tobytes(), degraded.tobytes(), json.dumps(record)))
+    assert len(outs) == 1
+    _, other, _ = degrade_image(hr, 2, deg, np.random.default_rng(43))
+    assert other.tobytes() != next(iter(outs))[1]
+
+
+# --------------------------------------------------------------------------- the stage's logic
+
+
+def _raw(root: Path, train_sizes, valid_sizes, names=None) -> Path:
+    """data/raw made by the real download stage (folder source) from synthetic photos."""
+    src = root / "src"
+    names = names or [f"t{i}" for i in range(len(train_sizes))]
+    for sub, sizes, stems in (
+        ("train", train_sizes, names),
+        ("valid", valid_sizes, [f"v{i}" for i in range(len(valid_sizes))]),
+    ):
+        (src / sub).mkdir(parents=True, exist_ok=True)
+        for i, ((h, w), stem) in enumerate(zip(sizes, stems, strict=True)):
+            Image.fromarray(_photo(h, w, 100 * (sub == "valid") + i)).save(src / sub / f"{stem}.png")
+    params = tiny_params(
+        data={"source": "folder", "folder": {"train": str(src / "train"), "valid": str(src / "valid")}}
+    )
+    build_raw_dataset(params, out_dir=root / "raw", tracker=NullTracker())
+    return root / "raw"
+
+
+def _params(**deg):
+    return tiny_params(
+        seed=3, data={"patches_per_image": 5}, degradation={**ALL_ON, "jpeg_quality": [60, 90], **deg}
+    )
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    # t2 is smaller than the 32-pixel patch; v0 has sides that are not multiples of the scale (2).
+    return _raw(tmp_path_factory.mktemp("raw"), [(48, 64), (40, 37), (20, 50)], [(41, 59), (35, 30)])
+
+
+@pytest.fixture(scope="module")
+def pairs(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    summary = build_pairs(_params(), raw_dir=raw, out_dir=out, tracker=NullTracker())
+    return out, summary
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_pairs_layout_and_shapes(pairs, raw):
+    out, summary = pairs
+    s, p, per = 2, 32, 5
+    hr, lr, inp = (np.load(out / f"train_{k}.npy", mmap_mode="r") for k in ("hr", "lr", "input"))
+    assert isinstance(hr, np.memmap)
+    n = 2 * per  # t2 (20x50) is skipped
+    assert hr.shape == inp.shape == (n, p, p, 3) and lr.shape == (n, p // s, p // s, 3)
+    assert hr.dtype == lr.dtype == inp.dtype == np.uint8
+    assert (
+        summary["train_patches"] == n and summary["train_images"] == 2 and summary["skipped_small"] == ["t2"]
+    )
+    assert json.loads((out / "pairs.json").read_text()) == summary
+    assert summary["scale"] == s and summary["patch_size"] == p and summary["seed"] == 3
+
+    man = pd.read_csv(out / "train_manifest.csv", dtype={"image": str})
+    assert list(man.columns) == [
+        "index",
+        "image",
+        "x",
+        "y",
+        "size",
+        "jpeg_quality",
+        "blur_sigma",
+        "noise_sigma",
+        "noise_seed",
+    ]
+    assert man["index"].tolist() == list(range(n)) and (man["size"] == p).all()
+    assert man.image.tolist() == ["t0"] * per + ["t1"] * per
+    images = {name: read_rgb(raw / "train" / f"{name}.png")[0] for name in ("t0", "t1")}
+    deg = _params().degradation
+    for row in man.itertuples():
+        # The crop box is where the patch came from.
+        np.testing.assert_array_equal(hr[row.index], images[row.image][row.y : row.y + p, row.x : row.x + p])
+        np.testing.assert_array_equal(lr[row.index], resize(np.asarray(hr[row.index]), (p // s, p // s)))
+        # The record is the exact degradation: replaying it gives the same bytes.
+        record = {
+            "jpeg_quality": None if pd.isna(row.jpeg_quality) else int(row.jpeg_quality),
+            "blur_sigma": row.blur_sigma,
+            "noise_sigma": row.noise_sigma,
+            "noise_seed": None if pd.isna(row.noise_seed) else int(row.noise_seed),
+        }
+        replay = resize(apply_degradation(np.asarray(lr[row.index]), record), (p, p), deg.upscale)
+        np.testing.assert_array_equal(inp[row.index], replay)
+        assert 60 <= record["jpeg_quality"] <= 90 and record["noise_seed"] is not None
+    # The CSV holds integers, not 85.0.
+    assert "." not in (out / "train_manifest.csv").read_text().splitlines()[1].split(",")[5]
+
+
+def test_validation_images(pairs, raw):
+    out, summary = pairs
+    man = pd.read_csv(out / "valid_manifest.csv", dtype={"name": str})
+    assert list(man.columns) == [
+        "index",
+        "name",
+        "width",
+        "height",
+        "jpeg_quality",
+        "blur_sigma",
+        "noise_sigma",
+        "noise_seed",
+    ]
+    assert man.name.tolist() == ["v0", "v1"] and summary["valid_images"] == 2
+    # valid_max_side (96 in TINY) is larger than these: whole images, cropped to a multiple of the scale.
+    assert (man.width.tolist(), man.height.tolist()) == ([58, 30], [40, 34])
+    for row in man.itertuples():
+        hr = read_rgb(out / "valid" / "hr" / f"{row.name}.png")[0]
+        lr = read_rgb(out / "valid" / "lr" / f"{row.name}.png")[0]
+        inp = read_rgb(out / "valid" / "input" / f"{row.name}.png")[0]
+        assert hr.shape == inp.shape == (row.height, row.width, 3) and lr.shape == (
+            row.height // 2,
+            row.width // 2,
+            3,
+        )
+        np.testing.assert_array_equal(
+            hr, read_rgb(raw / "valid" / f"{row.name}.png")[0][: row.height, : row.width]
+        )
+
+
+def test_valid_max_side_center_crops(raw, tmp_path):
+    build_pairs(tiny_params(data={"valid_max_side": 20}), raw_dir=raw, out_dir=tmp_path / "p")
+    man = pd.read_csv(tmp_path / "p" / "valid_manifest.csv")
+    assert man.width.tolist() == [20, 20] and man.height.tolist() == [20, 20]
+    full = read_rgb(raw / "valid" / "v0.png")[0]  # 41x59: the centre 20x20 starts at (10, 19)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "p" / "valid" / "hr" / "v0.png")[0], full[10:30, 19:39])
+
+
+def test_same_seed_same_bytes(pairs, raw, tmp_path):
+    out, _ = pairs
+    random.seed(99)  # other RNGs in other states must not matter
+    np.random.seed(99)
+    build_pairs(_params(), raw_dir=raw, out_dir=tmp_path / "again")
+    first, again = _files(out), _files(tmp_path / "again")
+    assert first.keys() == again.keys() and first == again
+    build_pairs(tiny_params(seed=4, data={"patches_per_image": 5}, degradation={**ALL_ON, "jpeg_quality": [60, 90]}),
+                raw_dir=raw, out_dir=tmp_path / "other")  # fmt: skip
+    other = _files(tmp_path / "other")
+    for key in ("train_hr.npy", "train_input.npy", "train_manifest.csv", "valid/input/v0.png"):
+        assert other[key] != first[key], key
+
+
+def test_scale_4_and_3(raw, tmp_path):
+    for scale, patch in ((4, 32), (3, 33)):
+        summary = build_pairs(
+            tiny_params(data={"scale": scale, "patch_size": patch, "patches_per_image": 2}),
+            raw_dir=raw, out_dir=tmp_path / f"x{scale}",
+        )  # fmt: skip
+        lr = np.load(tmp_path / f"x{scale}" / "train_lr.npy")
+        assert lr.shape[1:] == (patch // scale, patch // scale, 3) and summary["scale"] == scale
+        man = pd.read_csv(tmp_path / f"x{scale}" / "valid_manifest.csv")
+        assert (man.width % scale == 0).all() and (man.height % scale == 0).all()
+
+
+def test_small_images_skipped_and_counted(capsys, raw, tmp_path):
+    build_pairs(_params(), raw_dir=raw, out_dir=tmp_path / "p")
+    printed = capsys.readouterr().out
+    assert f"skipped {raw / 'train' / 't2.png'}: 50x20 is smaller than data.patch_size=32" in printed
+    assert "(1 skipped)" in printed
+
+
+def test_all_images_too_small_writes_nothing(raw, tmp_path):
+    out = tmp_path / "pairs"
+    out.mkdir()
+    (out / "pairs.json").write_text("{}")  # an earlier, complete output
+    with pytest.raises(UserError) as err:
+        build_pairs(tiny_params(data={"patch_size": 128}), raw_dir=raw, out_dir=out)
+    assert "data.patch_size=128" in str(err.value) and str(raw / "train") in str(err.value)
+    assert _files(out) == {"pairs.json": b"{}"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pairs.")]
+
+
+def test_missing_raw_manifest(tmp_path):
+    with pytest.raises(UserError, match=r"manifest.csv not found; run `dvc repro download`"):
+        build_pairs(tiny_params(), raw_dir=tmp_path / "raw", out_dir=tmp_path / "pairs")
+    assert not (tmp_path / "pairs").exists()
+
+
+def test_numeric_names_survive(tmp_path):
+    """DIV2K-style names ("0001") stay names through the CSV, not the numbers 1."""
+    raw = _raw(tmp_path, [(40, 40), (40, 40)], [(20, 20)], names=["0001", "0002"])
+    summary = build_pairs(tiny_params(data={"patches_per_image": 1}), raw_dir=raw, out_dir=tmp_path / "pairs")
+    assert summary["train_images"] == 2
+    assert pd.read_csv(tmp_path / "pairs" / "train_manifest.csv", dtype={"image": str}).image.tolist() == [
+        "0001",
+        "0002",
+    ]
