@@ -86,9 +86,10 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
     from sharpkd.data.datasets import load_valid
     from sharpkd.metrics import QualityMetrics
 
-    params = tiny_params(teacher={"train": {"steps": 150, "channels": 16, "blocks": 2, "lr": 0.003}})
+    # 500 steps: at x2 bicubic is already strong, a shorter run does not reliably beat it.
+    params = tiny_params(teacher={"train": {"steps": 500, "channels": 16, "blocks": 2, "lr": 0.003}})
     info = build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
-    assert info["architecture"] == "EDSR-sharpkd" and info["train"]["steps"] == 150
+    assert info["architecture"] == "EDSR-sharpkd" and info["train"]["steps"] == 500
 
     summary = cache_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "cache")
     cache = tmp_path / "cache"

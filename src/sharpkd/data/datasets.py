@@ -90,7 +90,8 @@ def load_valid(pairs_dir: str | Path = "data/pairs", teacher_dir: str | Path | N
     manifest = pairs_dir / "valid_manifest.csv"
     if not manifest.is_file():
         raise UserError(f"{manifest} not found; run `dvc repro degrade`")
-    names = pd.read_csv(manifest)["name"].astype(str).tolist()
+    # Names stay strings: DIV2K's "0801" must not become 801.
+    names = pd.read_csv(manifest, dtype={"name": str}, keep_default_na=False)["name"].tolist()
     images = []
     for name in names:
         teacher = None
