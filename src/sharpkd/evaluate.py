@@ -1,0 +1,496 @@
+"""The `evaluate` stage: bicubic vs teacher vs student on the validation split and on extra test sets.
+
+Every HR image is degraded as the pipeline does (the validation split was degraded
+by the degrade stage; extra sets from `eval.sets` are degraded here, seeded per
+image so the numbers repeat). Three methods are scored against HR with the one
+metrics module: the degraded input itself ("bicubic"), the teacher (its cached
+output for the validation split, tiled inference on the clean LR image for the
+extra sets, as cache_teacher does) and the student (tiled inference on the
+degraded input). Speed is one 1080p frame on the device the stage runs on.
+
+Writes (metrics_dir): eval.json (flat keys for `dvc exp show`), per_image.csv,
+quality_speed.csv (DVC plot data) and compare/*.png (aligned crops; quality vs speed).
+A bad entry in eval.sets (missing folder, unreadable or too small image) is
+reported, recorded in eval.json and skipped; the rest is still evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from sharpkd.config import DegradationParams, Params
+from sharpkd.errors import UserError
+from sharpkd.evaluation import mean_scores, run_tiled
+from sharpkd.files import atomic_dir, atomic_path, write_json
+from sharpkd.images import ImageReadError, list_images, read_rgb
+
+METHODS = ("bicubic", "teacher", "student")
+CAPTIONS = {"bicubic": "input (bicubic)", "teacher": "teacher", "student": "student"}
+VALID = "valid"
+# Set names become the first part of flat keys (`Set5.student.psnr`), so they must not hold dots
+# or collide with the other top-level keys.
+SET_NAME = re.compile(r"[A-Za-z0-9_-]+")
+RESERVED = {VALID, "student", "teacher", "bicubic", "speed", "speedup", "problems", "lpips_reason"}
+# DESIGN.md: published Set5 / Set14 x4 numbers (PSNR dB, SSIM), for the quality-vs-speed plot.
+PUBLISHED_X4 = {
+    "Set5": {
+        "bicubic": (28.42, 0.8104),
+        "FSRCNN": (30.71, 0.8657),
+        "VDSR": (31.35, 0.8838),
+        "SwinIR-M": (32.72, 0.9021),
+    },
+    "Set14": {"bicubic": (26.00, 0.7027), "SwinIR-M": (28.94, 0.7914)},
+}
+FRAME_1080P = (1080, 1920)
+
+
+@dataclass
+class EvalImage:
+    name: str
+    hr: np.ndarray
+    lr: np.ndarray  # clean LR (what the teacher sees)
+    input: np.ndarray  # degraded full-size image (what the student sees; the bicubic baseline)
+    teacher: np.ndarray | None = None  # cached teacher output (validation split only)
+
+
+@dataclass
+class SetResult:
+    name: str
+    rows: list[dict] = field(default_factory=list)  # one per image and method
+    problems: list[str] = field(default_factory=list)
+    compares: list[dict] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return len({r["image"] for r in self.rows})
+
+
+def check_set_names(sets: dict[str, str]) -> None:
+    for name in sets:
+        if not SET_NAME.fullmatch(name) or name in RESERVED:
+            raise UserError(
+                f"params: 'eval.sets.{name}': a set name must be letters, digits, '-' or '_' "
+                f"and not one of {', '.join(sorted(RESERVED))} (it becomes the prefix of the metric keys)"
+            )
+
+
+def _too_small(img: np.ndarray, min_side: int, scale: int) -> str | None:
+    h, w = img.shape[:2]
+    if min(h, w) < min_side:
+        return (
+            f"{w}x{h} (cropped to a multiple of data.scale={scale}) is smaller than the {min_side} pixels per side "
+            f"the metrics need at scale {scale}"
+        )
+    return None
+
+
+def _problem(problems: list[str], message: str) -> None:
+    """Record a bad input and say so at once (the evaluation goes on without it)."""
+    problems.append(message)
+    tqdm.write(f"[evaluate] skipped: {message}")
+
+
+def image_seed(seed: int, set_name: str, image: str) -> list[int]:
+    """Per-image seed of an extra set's degradation: independent of the other images and sets."""
+    return [seed, 2, zlib.crc32(set_name.encode()), zlib.crc32(image.encode())]
+
+
+def extra_set_images(
+    set_name: str,
+    folder: str | Path,
+    scale: int,
+    deg: DegradationParams,
+    seed: int,
+    min_side: int,
+    problems: list[str],
+) -> Iterator[EvalImage]:
+    """The HR images of one eval.sets folder, degraded; problems are appended to `problems` and skipped."""
+    from sharpkd.data.degrade import crop_to_multiple, degrade_image
+
+    key = f"eval.sets.{set_name}"
+    if not folder:
+        _problem(problems, f"{key}: no folder given")
+        return
+    folder = Path(folder)
+    if not folder.is_dir():
+        _problem(
+            problems,
+            f"{key}: {folder} is not a folder" if folder.exists() else f"{key}: folder {folder} not found",
+        )
+        return
+    paths = list_images(folder)
+    if not paths:
+        _problem(problems, f"{key}: no images in {folder}")
+        return
+    for p in paths:
+        name = p.relative_to(folder).with_suffix("").as_posix()
+        try:
+            hr = crop_to_multiple(read_rgb(p)[0], scale)
+        except ImageReadError as exc:
+            _problem(problems, f"{key}: {exc}")
+            continue
+        if why := _too_small(hr, min_side, scale):
+            _problem(problems, f"{key}: {p}: {why}")
+            continue
+        lr, degraded, _ = degrade_image(
+            hr, scale, deg, np.random.default_rng(image_seed(seed, set_name, name))
+        )
+        yield EvalImage(name, hr, lr, degraded)
+
+
+def valid_images(
+    pairs_dir: Path, teacher_cache_dir: Path, min_side: int, scale: int, problems: list[str]
+) -> Iterator[EvalImage]:
+    from sharpkd.data.datasets import load_valid
+
+    for im in load_valid(pairs_dir, teacher_cache_dir):
+        if im.teacher is not None and im.teacher.shape != im.hr.shape:
+            raise UserError(
+                f"{teacher_cache_dir}/valid/{im.name}.png is {im.teacher.shape[1]}x{im.teacher.shape[0]}, "
+                f"its HR image {im.hr.shape[1]}x{im.hr.shape[0]}: the teacher cache is stale; run `dvc repro cache_teacher`"
+            )
+        if why := _too_small(im.hr, min_side, scale):
+            _problem(problems, f"{VALID}: {im.name}: {why}")
+            continue
+        yield EvalImage(im.name, im.hr, im.lr, im.input, im.teacher)
+
+
+def pick_crop(hr: np.ndarray, degraded: np.ndarray, size: int) -> tuple[int, int, int]:
+    """(y, x, side) of the square window where the degraded input lost the most detail (deterministic)."""
+    h, w = hr.shape[:2]
+    side = min(size, h, w)
+    err = np.abs(hr.astype(np.float32) - degraded.astype(np.float32)).mean(axis=2)
+    ii = np.pad(err.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    step = max(1, side // 4)
+    best, at = -1.0, (0, 0)
+    for y in range(0, h - side + 1, step):
+        for x in range(0, w - side + 1, step):
+            s = ii[y + side, x + side] - ii[y, x + side] - ii[y + side, x] + ii[y, x]
+            if s > best:
+                best, at = s, (y, x)
+    return at[0], at[1], side
+
+
+def score_set(
+    set_name: str,
+    images: Iterator[EvalImage],
+    methods: dict[str, Callable[[EvalImage], np.ndarray]],
+    metrics,
+    result: SetResult,
+    compare_images: int = 0,
+    crop: int = 128,
+) -> SetResult:
+    """Score each method (name -> image -> uint8 output) against HR on every image.
+
+    Aligned crops of the first `compare_images` images are kept when all of METHODS were scored.
+    """
+    for im in tqdm(images, desc=f"evaluate {set_name}", unit="img"):
+        outs = {m: fn(im) for m, fn in methods.items()}
+        scores = {}
+        for method, out in outs.items():
+            scores[method] = metrics.score(out, im.hr)
+            result.rows.append({"set": set_name, "image": im.name, "method": method, **scores[method]})
+        if len(result.compares) < compare_images and set(METHODS) <= set(outs):
+            y, x, side = pick_crop(im.hr, im.input, crop)
+            window = (slice(y, y + side), slice(x, x + side))
+            result.compares.append(
+                {
+                    "image": im.name,
+                    "at": (x, y, side),
+                    "crops": {m: outs[m][window].copy() for m in METHODS} | {"hr": im.hr[window].copy()},
+                    "psnr": {m: scores[m]["psnr"] for m in METHODS},
+                }
+            )
+    return result
+
+
+# ---------------------------------------------------------------- speed
+
+
+def _device_name(device: torch.device) -> str:
+    from sharpkd.bench import cpu_name
+
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_name()}"
+
+
+def measure_speed(student, teacher, scale: int, device: torch.device, params: Params) -> dict:
+    """ms per 1080p frame (frame in host memory -> frame back in host memory), median after warm-up."""
+    from sharpkd.bench import time_ms
+    from sharpkd.data.degrade import resize
+    from sharpkd.infer import tiled_apply
+
+    ev, tile, overlap = params.eval, params.infer.tile, params.infer.overlap
+    h, w = FRAME_1080P
+    gen = torch.Generator().manual_seed(0)
+    frame = torch.rand(1, 3, h, w, generator=gen)
+    lr = torch.rand(1, 3, h // scale, w // scale, generator=gen)
+    lr_u8 = (lr[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    out: dict = {}
+    with torch.no_grad():
+        print(f"[evaluate] timing the student on a 1080p frame ({ev.speed_repeats} repeats)")
+        out["student.ms_1080p"] = round(time_ms(lambda: student(frame.to(device)).cpu(), ev.speed_repeats), 3)
+        # The baseline the student has to beat costs a resize: the one degrade uses.
+        out["bicubic.ms_1080p"] = round(
+            time_ms(lambda: resize(lr_u8, (w, h), params.degradation.upscale), ev.speed_repeats), 3
+        )
+        if ev.teacher_speed_repeats == 0:
+            out["teacher.ms_1080p"] = None
+            out["teacher.ms_reason"] = "not timed (eval.teacher_speed_repeats: 0)"
+        else:
+            print(
+                f"[evaluate] timing the teacher on a 1080p frame ({ev.teacher_speed_repeats} repeats, tiled {tile})"
+            )
+            # Warm up on one tile only: a whole extra frame costs a minute for SwinIR-M on a CPU.
+            tiled_apply(
+                teacher, lr[..., :tile, :tile], scale=scale, tile=tile, overlap=overlap, device=device
+            )
+            ms = time_ms(
+                lambda: tiled_apply(teacher, lr, scale=scale, tile=tile, overlap=overlap, device=device),
+                ev.teacher_speed_repeats,
+                warmup=0,
+            )
+            out["teacher.ms_1080p"] = round(ms, 3)
+    t, s = out["teacher.ms_1080p"], out["student.ms_1080p"]
+    out["speedup"] = round(t / s, 2) if t is not None and s > 0 else None
+    out["timing.device"] = _device_name(device)
+    out["timing.torch_threads"] = torch.get_num_threads()
+    out["timing.repeats"] = ev.speed_repeats
+    out["timing.teacher_repeats"] = ev.teacher_speed_repeats
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def save_compare(path: Path, set_name: str, item: dict, scale: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y, side = item["at"]
+    panels = [("bicubic", CAPTIONS["bicubic"]), ("student", "student"), ("teacher", "teacher"), ("hr", "HR")]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.9), dpi=100)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.imshow(item["crops"][key], interpolation="nearest")
+        ax.set_title(label if key == "hr" else f"{label}\n{item['psnr'][key]:.2f} dB", fontsize=10)
+        ax.axis("off")
+    fig.suptitle(
+        f"{set_name} / {item['image']}: {side}x{side} crop at x={x}, y={y} "
+        f"(PSNR of the whole image: Y channel, border {scale} px)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave room for the suptitle
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_quality_speed_plot(path: Path, table: pd.DataFrame, scale: int, notes: list[str]) -> None:
+    """PSNR against ms per 1080p frame (log x): our measured points per set, published x4 anchors as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    markers = {"bicubic": "s", "teacher": "^", "student": "o"}
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    timed = table.dropna(subset=["ms_1080p", "psnr"])
+    for i, (set_name, rows) in enumerate(timed.groupby("set", sort=False)):
+        for r in rows.itertuples():
+            ax.scatter(
+                r.ms_1080p, r.psnr, marker=markers[r.method], color=colors[i % len(colors)], s=60, zorder=3
+            )
+            ax.annotate(
+                f"{set_name} {r.method}",
+                (r.ms_1080p, r.psnr),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
+    if scale == 4:
+        styles = {"Set5": ":", "Set14": "--"}
+        for set_name, methods in PUBLISHED_X4.items():
+            for method, (psnr, _) in methods.items():
+                ax.axhline(psnr, color="grey", linestyle=styles[set_name], linewidth=0.8, zorder=1)
+                ax.annotate(
+                    f"{method} {psnr:.2f} (published, {set_name} x4)",
+                    (0.005, psnr),
+                    xycoords=("axes fraction", "data"),
+                    textcoords="offset points",
+                    xytext=(0, 2),
+                    fontsize=7,
+                    color="dimgrey",
+                )
+    else:
+        notes = [*notes, f"published anchors are x4; data.scale is {scale}"]
+    ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("ms per 1080p frame (log scale)")
+    ax.set_ylabel("PSNR (dB, Y channel)")
+    ax.set_title("quality vs speed" + (f"\n{'; '.join(notes)}" if notes else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _round(v):
+    return None if v is None else round(float(v), 5)
+
+
+def evaluate(
+    params: Params,
+    tracker,
+    *,
+    pairs_dir: str | Path = "data/pairs",
+    teacher_cache_dir: str | Path = "data/teacher",
+    teacher_dir: str | Path = "models/teacher",
+    student_path: str | Path = "models/student/student.pth",
+    metrics_dir: str | Path = "metrics",
+) -> dict:
+    """Run the evaluation and write metrics_dir/{eval.json, per_image.csv, quality_speed.csv, compare/}."""
+    from sharpkd import weights
+    from sharpkd.metrics import QualityMetrics
+    from sharpkd.models.student import conv_macs, count_params, load_student
+    from sharpkd.models.teacher import load_teacher
+
+    ev, scale = params.eval, params.data.scale
+    check_set_names(ev.sets)
+    pairs_dir, teacher_cache_dir, metrics_dir = Path(pairs_dir), Path(teacher_cache_dir), Path(metrics_dir)
+    if not (teacher_cache_dir / "cache.json").is_file():
+        raise UserError(
+            f"{teacher_cache_dir / 'cache.json'} not found: the teacher cache is missing or incomplete; run `dvc repro cache_teacher`"
+        )
+    if params.distill.threads:
+        torch.set_num_threads(params.distill.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student = load_student(student_path, device)
+    teacher, info = load_teacher(teacher_dir, device)
+    if info["scale"] != scale:
+        raise UserError(
+            f"{teacher_dir}: the teacher is x{info['scale']} but data.scale is {scale}; run `dvc repro`"
+        )
+    metrics = QualityMetrics(scale, lpips=ev.lpips, weights_dir=weights.weights_dir(params.weights.dir))
+    tile, overlap = params.infer.tile, params.infer.overlap
+
+    def teacher_fn(im: EvalImage) -> np.ndarray:
+        if im.teacher is not None:
+            return im.teacher
+        return run_tiled(teacher, im.lr, scale, tile, overlap, device=device)
+
+    methods = {
+        "bicubic": lambda im: im.input,
+        "teacher": teacher_fn,
+        "student": lambda im: run_tiled(student, im.input, 1, tile, overlap, align=scale, device=device),
+    }
+
+    results: list[SetResult] = []
+    res = SetResult(VALID)
+    score_set(
+        VALID,
+        valid_images(pairs_dir, teacher_cache_dir, metrics.min_side, scale, res.problems),
+        methods,
+        metrics,
+        res,
+        ev.compare_images,
+        ev.crop,
+    )
+    if not res.rows:
+        raise UserError(
+            f"{pairs_dir}: no validation image could be scored ({'; '.join(res.problems) or 'none listed'})"
+        )
+    results.append(res)
+    for set_name, folder in ev.sets.items():
+        res = SetResult(set_name)
+        images = extra_set_images(
+            set_name, folder, scale, params.degradation, params.seed, metrics.min_side, res.problems
+        )
+        score_set(set_name, images, methods, metrics, res, ev.compare_images, ev.crop)
+        results.append(res)
+
+    speed = measure_speed(student, teacher, scale, device, params)
+
+    summary: dict = {}
+    table_rows = []
+    for res in results:
+        by_method = {m: [r for r in res.rows if r["method"] == m] for m in METHODS}
+        for m in METHODS:
+            means = (
+                mean_scores([{k: r[k] for k in ("psnr", "ssim", "lpips")} for r in by_method[m]])
+                if by_method[m]
+                else {}
+            )
+            for k in ("psnr", "ssim", "lpips"):
+                summary[f"{res.name}.{m}.{k}"] = _round(means.get(k))
+            table_rows.append(
+                {
+                    "set": res.name,
+                    "method": m,
+                    "psnr": summary[f"{res.name}.{m}.psnr"],
+                    "ssim": summary[f"{res.name}.{m}.ssim"],
+                    "ms_1080p": speed[f"{m}.ms_1080p"],
+                }
+            )
+        summary[f"{res.name}.images"] = res.images
+        if res.problems:
+            summary[f"{res.name}.problems"] = "; ".join(res.problems)
+    if metrics.lpips_reason:
+        summary["lpips_reason"] = metrics.lpips_reason
+    summary["student.params"] = count_params(student)
+    summary["student.gmacs_1080p"] = round(conv_macs(student, *FRAME_1080P) / 1e9, 3)
+    summary["teacher.architecture"] = info.get("architecture")
+    summary.update(speed)
+    summary["problems"] = sum(len(r.problems) for r in results)
+
+    # Outputs: everything first into temporaries, eval.json last.
+    per_image = pd.DataFrame(
+        [r for res in results for r in res.rows], columns=["set", "image", "method", "psnr", "ssim", "lpips"]
+    )
+    quality_speed = pd.DataFrame(table_rows, columns=["set", "method", "psnr", "ssim", "ms_1080p"])
+    with atomic_path(metrics_dir / "per_image.csv") as tmp:
+        per_image.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(metrics_dir / "quality_speed.csv") as tmp:
+        quality_speed.to_csv(tmp, index=False)
+    with atomic_dir(metrics_dir / "compare") as tmp:
+        for res in results:
+            for i, item in enumerate(res.compares):
+                save_compare(
+                    tmp / f"{_safe(res.name)}_{i:02d}_{_safe(item['image'])}.png", res.name, item, scale
+                )
+        notes = [] if speed["teacher.ms_1080p"] is not None else ["teacher not timed"]
+        save_quality_speed_plot(tmp / "quality_speed.png", quality_speed, scale, notes)
+    write_json(metrics_dir / "eval.json", summary)
+
+    v = {m: summary[f"{VALID}.{m}.psnr"] for m in METHODS}
+    print(
+        f"[evaluate] validation PSNR: bicubic {v['bicubic']:.2f}, teacher {v['teacher']:.2f}, student {v['student']:.2f} dB; "
+        f"student {speed['student.ms_1080p']:.1f} ms/1080p on {speed['timing.device']} ({speed['timing.torch_threads']} threads)"
+        + (f", {speed['speedup']}x faster than the teacher" if speed["speedup"] else "")
+    )
+    tracker.log_metrics(
+        {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    )
+    tracker.log_artifacts(str(metrics_dir / "compare"), "compare")
+    return summary
