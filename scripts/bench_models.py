@@ -1,4 +1,8 @@
-"""`make bench`: `sharpkd bench` on the pipeline's student (and teacher when present) -> metrics/bench.json.
+"""`make bench`: the pipeline's student and teacher timed -> printed tables and metrics/bench.json.
+
+- ms per frame and frames/s at 720p / 1080p / 4K (`sharpkd bench`: torch, ONNX Runtime; CUDA when present),
+- the teacher's throughput on LR training patches (what cache_teacher does) and ms per 1080p output frame,
+- the student's training steps/s at the distill batch shape of params.yaml.
 
 Usage: python scripts/bench_models.py [--repeats N] [--sizes 720p,1080p,4k] [--no-teacher]
 """
@@ -11,7 +15,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sharpkd.bench import DEFAULT_SIZES, TEACHER_DIR, render_table, run_bench
+from sharpkd.bench import (
+    DEFAULT_SIZES,
+    TEACHER_DIR,
+    render_table,
+    run_bench,
+    student_training_speed,
+    teacher_patch_throughput,
+)
+from sharpkd.config import load_params
 from sharpkd.errors import UserError
 from sharpkd.files import write_json
 from sharpkd.sharpen import default_tiling
@@ -26,17 +38,40 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=Path("metrics/bench.json"))
     args = ap.parse_args()
+    console = Console()
     teacher = not args.no_teacher and (TEACHER_DIR / "teacher.json").is_file()
     tile, overlap = default_tiling()
     try:
+        params = load_params()
         result = run_bench(None, teacher, args.sizes, args.repeats, tile=tile, overlap=overlap)
+        s, d = params.data.scale, params.distill
+        result["training"] = student_training_speed(
+            s, params.student.channels, params.student.blocks, params.data.patch_size, d.batch_size
+        )
+        if teacher:
+            device = result["rows"][-1]["device"]  # the teacher row: where run_bench timed it
+            result["teacher_cache"] = teacher_patch_throughput(
+                params.data.patch_size // s, params.cache.batch_size, device=device
+            )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    console = Console()
     for note in result["notes"]:
         console.print(note, markup=False, soft_wrap=True)
     console.print(render_table(result))
+    t = result["training"]
+    console.print(
+        f"student training: {t['steps_per_s']} steps/s on {t['device']} "
+        f"(batch {t['batch_size']} of {t['patch']}x{t['patch']} patches)",
+        markup=False,
+    )
+    if "teacher_cache" in result:
+        c = result["teacher_cache"]
+        console.print(
+            f"teacher {c['teacher']}: {c['patches_per_s']} LR patches/s on {c['device']} "
+            f"(batches of {c['batch_size']} patches of {c['lr_patch']}x{c['lr_patch']})",
+            markup=False,
+        )
     write_json(args.out, result)
     console.print(f"wrote {args.out}", markup=False)
     return 0

@@ -255,6 +255,58 @@ def run_bench(
     }
 
 
+def teacher_patch_throughput(lr_side: int, batch_size: int, batches: int = 3, device: str = "cpu") -> dict:
+    """LR patches/s of the pipeline's teacher (models/teacher) in batches, as the cache_teacher stage runs it."""
+    from sharpkd.models.teacher import load_teacher
+
+    teacher, info = load_teacher(TEACHER_DIR, device)
+    x = torch.rand(batch_size, 3, lr_side, lr_side, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def run():
+        return teacher(x.to(device)).cpu()
+
+    ms = time_ms(run, batches)
+    return {
+        "teacher": info.get("architecture", "teacher"),
+        "lr_patch": lr_side,
+        "batch_size": batch_size,
+        "device": device,
+        "patches_per_s": round(batch_size * 1000.0 / ms, 2),
+    }
+
+
+def student_training_speed(
+    scale: int, channels: int, blocks: int, patch: int, batch_size: int, steps: int = 5
+) -> dict:
+    """Training steps/s of a student of this shape: forward, L1 pixel + kd loss, backward, AdamW step."""
+    from sharpkd.config import LossParams
+    from sharpkd.losses import DistillObjective
+    from sharpkd.models.student import Student
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    objective = DistillObjective(Student(scale=scale, channels=channels, blocks=blocks), LossParams()).to(
+        device
+    )
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        k: torch.rand(batch_size, 3, patch, patch, generator=gen).to(device)
+        for k in ("input", "hr", "teacher")
+    }
+
+    def step():
+        total, _ = objective(batch)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    ms = time_ms(step, steps)
+    return {"device": device, "patch": patch, "batch_size": batch_size, "steps_per_s": round(1000.0 / ms, 3)}
+
+
 def render_table(result: dict):
     """A rich Table: one row per model/runtime/device, one column per size ("ms  (fps)")."""
     from rich.table import Table
