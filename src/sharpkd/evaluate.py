@@ -39,7 +39,7 @@ VALID = "valid"
 # Set names become the first part of flat keys (`Set5.student.psnr`), so they must not hold dots
 # or collide with the other top-level keys.
 SET_NAME = re.compile(r"[A-Za-z0-9_-]+")
-RESERVED = {VALID, "student", "teacher", "bicubic", "speed", "speedup", "problems", "lpips_reason"}
+RESERVED = {VALID, "student", "teacher", "bicubic", "timing", "speedup", "problems", "lpips_reason"}
 # DESIGN.md: published Set5 / Set14 x4 numbers (PSNR dB, SSIM), for the quality-vs-speed plot.
 PUBLISHED_X4 = {
     "Set5": {
