@@ -131,3 +131,23 @@ def bench(
         if json_path is not None:
             write_json(json_path, result)
             console.print(f"wrote {json_path}", markup=False)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=1, max=65535)] = 5000,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 against this project's tracking store (mlflow.db, mlartifacts/)."""
+    import os
+
+    from sharpkd.tracking import ui_command
+
+    with _user_errors():
+        cmd, note = ui_command(port)
+    print(note, flush=True)
+    if cmd is None:
+        return
+    # MLflow's background job workers (GenAI scorers; several processes) serve nothing here.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # Replace this process: Ctrl-C and kill reach the server directly.
+    os.execve(cmd[0], cmd, env)
