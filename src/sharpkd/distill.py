@@ -46,7 +46,8 @@ def distill(
     cfg = FitConfig(
         steps=d.steps, lr=d.lr, weight_decay=d.weight_decay, warmup_steps=d.warmup_steps, grad_clip=d.grad_clip,
         eval_every=d.eval_every, checkpoint_every=d.checkpoint_every, amp=d.amp, seed=params.seed,
-        fingerprint={"params": flatten(params), "world": world, "cache": cache_info},
+        # The cache's content, not its timings: a rebuilt but identical cache still resumes.
+        fingerprint={"params": flatten(params), "world": world, "cache": _cache_identity(cache_info)},
     )
     result = fit(
         objective,
@@ -92,6 +93,10 @@ def distill(
     )
     tracker.log_metrics({f"distill.{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     return summary
+
+
+def _cache_identity(cache_info: dict) -> dict:
+    return {k: v for k, v in cache_info.items() if k not in ("device", "patches_per_s", "valid_seconds")}
 
 
 def _cache_info(teacher_dir) -> dict:

@@ -27,6 +27,12 @@ class Student(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(lr_channels, channels, 3, padding=1), act())
         self.body = nn.Sequential(*[m for _ in range(blocks) for m in (nn.Conv2d(channels, channels, 3, padding=1), act())])
         self.tail = nn.Conv2d(channels, lr_channels, 3, padding=1)
+        # He init keeps the conv stack's activations alive (PyTorch's default init shrinks them
+        # layer after layer and the ReLUs die within a few steps).
+        for m in [*self.head, *self.body]:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         # Start as the identity: the residual branch begins at zero, so step 0 equals the input.
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
