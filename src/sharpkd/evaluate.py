@@ -461,6 +461,7 @@ def evaluate(
     summary["student.params"] = count_params(student)
     summary["student.gmacs_1080p"] = round(conv_macs(student, *FRAME_1080P) / 1e9, 3)
     summary["teacher.architecture"] = info.get("architecture")
+    summary["teacher.params"] = info.get("params")
     summary.update(speed)
     summary["problems"] = sum(len(r.problems) for r in results)
 
