@@ -39,7 +39,7 @@ bench: $(VENV)/.installed
 # student without distillation (loss.kd=0, loss.feature=0), same steps, run side by side on one
 # thread each. Absolute paths: queued experiments run in a temporary copy of the repo.
 SHARED ?= $(abspath ../shared)
-REF_STEPS ?= 14000
+REF_STEPS ?= 24000
 REF_PARAMS := -S data.source=folder -S data.folder.train=$(SHARED)/trainsets -S degradation.jpeg_prob=0 \
 	-S teacher.source=pan -S weights.dir=$(SHARED)/weights -S ++eval.sets.Set5=$(SHARED)/testsets/Set5/HR \
 	-S distill.steps=$(REF_STEPS) -S distill.batch_size=32 -S distill.eval_every=1000 \
