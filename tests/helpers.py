@@ -14,8 +14,17 @@ SHARED = REPO.parent / "shared"
 
 # A profile small enough for unit tests on a 2-core CPU (seconds, not minutes).
 TINY = {
-    "data": {"scale": 2, "patch_size": 32, "patches_per_image": 6, "valid_max_side": 96, "samples": {"valid_count": 2}},
-    "teacher": {"feature_channels": 4, "train": {"channels": 8, "blocks": 1, "steps": 40, "batch_size": 8, "lr": 0.002}},
+    "data": {
+        "scale": 2,
+        "patch_size": 32,
+        "patches_per_image": 6,
+        "valid_max_side": 96,
+        "samples": {"valid_count": 2},
+    },
+    "teacher": {
+        "feature_channels": 4,
+        "train": {"channels": 8, "blocks": 1, "steps": 40, "batch_size": 8, "lr": 0.002},
+    },
     "student": {"channels": 8, "blocks": 1},
     "distill": {"steps": 12, "batch_size": 4, "eval_every": 6, "checkpoint_every": 4, "warmup_steps": 2},
     "infer": {"tile": 64, "overlap": 8},
@@ -74,7 +83,9 @@ class serve_folder:
             def log_message(self, *a):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(self.folder)))
+        self.server = ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Quiet, directory=str(self.folder))
+        )
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self.server.server_address[1]}/"
 

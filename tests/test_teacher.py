@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import SHARED, NullTracker, make_pairs, serve_folder, tiny_params
 
+from helpers import SHARED, NullTracker, make_pairs, serve_folder, tiny_params
 from sharpkd.build_teacher import build_teacher
 from sharpkd.errors import UserError
 from sharpkd.infer import tiled_apply
@@ -25,8 +24,19 @@ torch.set_num_threads(1)
 def small_swinir(scale: int):
     from spandrel.architectures.SwinIR import SwinIR
 
-    return SwinIR(upscale=scale, in_chans=3, img_size=16, window_size=4, img_range=1.0, depths=[2], embed_dim=12,
-                  num_heads=[2], mlp_ratio=2, upsampler="pixelshuffle", resi_connection="1conv")
+    return SwinIR(
+        upscale=scale,
+        in_chans=3,
+        img_size=16,
+        window_size=4,
+        img_range=1.0,
+        depths=[2],
+        embed_dim=12,
+        num_heads=[2],
+        mlp_ratio=2,
+        upsampler="pixelshuffle",
+        resi_connection="1conv",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +51,23 @@ def test_checkpoint_source_loads_spandrel_swinir(pairs, tmp_path):
     torch.save({"params": small_swinir(2).state_dict()}, ckpt)
     params = tiny_params(teacher={"source": "checkpoint", "checkpoint": str(ckpt), "feature_channels": 0})
     info = build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
-    assert info["architecture"] == "SwinIR" and info["scale"] == 2 and info["feature_layers"] == ["conv_after_body"]
+    assert (
+        info["architecture"] == "SwinIR"
+        and info["scale"] == 2
+        and info["feature_layers"] == ["conv_after_body"]
+    )
     assert info["sha256"] == sha256_of(ckpt)
     model, _ = load_teacher(tmp_path / "teacher")
     assert model(torch.rand(1, 3, 11, 13)).shape == (1, 3, 22, 26)
 
     # And the cache works with its features (12 channels on the LR grid).
-    out = cache_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "cache")
+    out = cache_teacher(
+        params,
+        NullTracker(),
+        pairs_dir=pairs / "data/pairs",
+        teacher_dir=tmp_path / "teacher",
+        out_dir=tmp_path / "cache",
+    )
     assert out["feature_channels"] == 12
 
 
@@ -71,12 +91,18 @@ def test_swinir_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
     params = tiny_params(teacher={"source": "swinir", "feature_channels": 0}, weights={"dir": str(wdir)})
     key = "swinir_x2"
     with serve_folder(served) as base:
-        monkeypatch.setitem(weights.PRETRAINED, key, {**weights.PRETRAINED[key], "url": base + ckpt.name, "sha256": "0" * 64})
+        monkeypatch.setitem(
+            weights.PRETRAINED, key, {**weights.PRETRAINED[key], "url": base + ckpt.name, "sha256": "0" * 64}
+        )
         with pytest.raises(UserError, match="sha256"):
             build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "t1")
         assert not (wdir / weights.PRETRAINED[key]["filename"]).exists()
 
-        monkeypatch.setitem(weights.PRETRAINED, key, {**weights.PRETRAINED[key], "url": base + ckpt.name, "sha256": sha256_of(ckpt)})
+        monkeypatch.setitem(
+            weights.PRETRAINED,
+            key,
+            {**weights.PRETRAINED[key], "url": base + ckpt.name, "sha256": sha256_of(ckpt)},
+        )
         info = build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "t2")
     assert info["architecture"] == "SwinIR" and info["source"] == "swinir"
     assert (wdir / weights.PRETRAINED[key]["filename"]).is_file()
@@ -91,7 +117,13 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
     info = build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
     assert info["architecture"] == "EDSR-sharpkd" and info["train"]["steps"] == 500
 
-    summary = cache_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "cache")
+    summary = cache_teacher(
+        params,
+        NullTracker(),
+        pairs_dir=pairs / "data/pairs",
+        teacher_dir=tmp_path / "teacher",
+        out_dir=tmp_path / "cache",
+    )
     cache = tmp_path / "cache"
     manifest = pd.read_csv(pairs / "data/pairs/train_manifest.csv")
     hr = np.load(pairs / "data/pairs/train_hr.npy", mmap_mode="r")
@@ -106,7 +138,10 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
     metrics = QualityMetrics(2, lpips=False)
     valid = load_valid(pairs / "data/pairs", cache)
     teacher_psnr = np.mean([metrics.score(v.teacher, v.hr)["psnr"] for v in valid])
-    lr_up = [np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(v.lr).resize(v.hr.shape[1::-1], 3)) for v in valid]
+    lr_up = [
+        np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(v.lr).resize(v.hr.shape[1::-1], 3))
+        for v in valid
+    ]
     bicubic_psnr = np.mean([metrics.score(b, v.hr)["psnr"] for b, v in zip(lr_up, valid, strict=True)])
     assert teacher_psnr > bicubic_psnr + 0.1, (teacher_psnr, bicubic_psnr)
 
@@ -123,7 +158,13 @@ def test_cache_size_limit_refused(pairs, tmp_path):
     params = tiny_params(cache={"max_gb": 0.0000001})
     build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
     with pytest.raises(UserError, match="cache.max_gb"):
-        cache_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "cache")
+        cache_teacher(
+            params,
+            NullTracker(),
+            pairs_dir=pairs / "data/pairs",
+            teacher_dir=tmp_path / "teacher",
+            out_dir=tmp_path / "cache",
+        )
     assert not (tmp_path / "cache").exists()
 
 
@@ -149,7 +190,9 @@ def test_tiled_equals_untiled(shape):
 SWINIR_X4 = SHARED / "weights" / "001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth"
 
 
-@pytest.mark.skipif(not SWINIR_X4.is_file(), reason=f"{SWINIR_X4} absent (SwinIR-M weights are not available on this machine)")
+@pytest.mark.skipif(
+    not SWINIR_X4.is_file(), reason=f"{SWINIR_X4} absent (SwinIR-M weights are not available on this machine)"
+)
 def test_real_swinir_m_on_set5():
     from sharpkd.data.degrade import degrade_image
     from sharpkd.images import read_rgb
@@ -162,6 +205,8 @@ def test_real_swinir_m_on_set5():
     hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
     params = tiny_params(degradation={"jpeg_prob": 0.0})
     lr, _, _ = degrade_image(hr, 4, params.degradation, np.random.default_rng(0))
-    sr = tiled_apply(model.eval(), torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255, scale=4, tile=64, overlap=16)
+    sr = tiled_apply(
+        model.eval(), torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255, scale=4, tile=64, overlap=16
+    )
     out = sr.clamp(0, 1).mul(255).round().byte()[0].permute(1, 2, 0).numpy()
     assert QualityMetrics(4, lpips=False).score(out, hr)["psnr"] > 30

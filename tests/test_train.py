@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, NullTracker, make_pairs, tiny_params
 
+from helpers import REPO, NullTracker, make_pairs, tiny_params
 from sharpkd.config import LossParams
 from sharpkd.errors import UserError
 from sharpkd.losses import VGG19_FILE, DistillObjective
@@ -65,7 +65,12 @@ def test_each_loss_term_reaches_the_student(term, tmp_path):
     weights = {"pixel": 0.0, "kd": 0.0, "perceptual": 0.0, "feature": 0.0, term: 1.0}
     student = Student(scale=2, channels=8, blocks=1)
     torch.nn.init.normal_(student.tail.weight, std=0.1)  # a zero tail would block gradients upstream
-    obj = DistillObjective(student, LossParams(**weights), teacher_feat_channels=4, weights_dir=_vgg_dir(tmp_path) if term == "perceptual" else None)
+    obj = DistillObjective(
+        student,
+        LossParams(**weights),
+        teacher_feat_channels=4,
+        weights_dir=_vgg_dir(tmp_path) if term == "perceptual" else None,
+    )
     total, terms = obj(_batch())
     assert set(terms) == {term} and total.item() > 0
     total.backward()
@@ -81,7 +86,9 @@ def test_zero_weight_terms_load_nothing(monkeypatch):
         raise AssertionError("VGG must not be built when loss.perceptual is 0")
 
     monkeypatch.setattr(torchvision.models, "vgg19", boom)
-    obj = DistillObjective(Student(scale=2, channels=8, blocks=1), LossParams(pixel=1, kd=0, perceptual=0, feature=0))
+    obj = DistillObjective(
+        Student(scale=2, channels=8, blocks=1), LossParams(pixel=1, kd=0, perceptual=0, feature=0)
+    )
     assert obj.vgg is None and obj.projector is None
     assert obj.needed_keys() == ("input", "hr")
 
@@ -89,7 +96,9 @@ def test_zero_weight_terms_load_nothing(monkeypatch):
 def test_missing_vgg_weights_message(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError) as err:
-        DistillObjective(Student(scale=2, channels=8, blocks=1), LossParams(perceptual=0.1), weights_dir=tmp_path / "w")
+        DistillObjective(
+            Student(scale=2, channels=8, blocks=1), LossParams(perceptual=0.1), weights_dir=tmp_path / "w"
+        )
     msg = str(err.value)
     assert VGG19_FILE in msg and str(tmp_path / "w") in msg and "download.pytorch.org" in msg
 
@@ -104,7 +113,12 @@ def test_non_finite_loss_stops(tmp_path):
         return b
 
     with pytest.raises(NonFiniteLossError, match="step 3"):
-        fit(obj, batch_fn, FitConfig(steps=6, lr=1e-3, checkpoint_every=1), checkpoint_path=tmp_path / "ckpt.pt")
+        fit(
+            obj,
+            batch_fn,
+            FitConfig(steps=6, lr=1e-3, checkpoint_every=1),
+            checkpoint_path=tmp_path / "ckpt.pt",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +131,13 @@ def pipeline(tmp_path_factory):
     params = tiny_params()
     make_pairs(root, params)
     build_teacher(params, NullTracker(), pairs_dir=root / "data/pairs", out_dir=root / "models/teacher")
-    cache_teacher(params, NullTracker(), pairs_dir=root / "data/pairs", teacher_dir=root / "models/teacher", out_dir=root / "data/teacher")
+    cache_teacher(
+        params,
+        NullTracker(),
+        pairs_dir=root / "data/pairs",
+        teacher_dir=root / "models/teacher",
+        out_dir=root / "data/teacher",
+    )
     return root
 
 
@@ -125,13 +145,20 @@ def _distill(root, params, tag, **kw):
     from sharpkd.distill import distill
 
     return distill(
-        params, NullTracker(), pairs_dir=root / "data/pairs", teacher_dir=root / "data/teacher",
-        out_dir=root / tag / "student", checkpoint_dir=root / tag / "ckpt", metrics_dir=root / tag / "metrics", **kw,
+        params,
+        NullTracker(),
+        pairs_dir=root / "data/pairs",
+        teacher_dir=root / "data/teacher",
+        out_dir=root / tag / "student",
+        checkpoint_dir=root / tag / "ckpt",
+        metrics_dir=root / tag / "metrics",
+        **kw,
     )
 
 
 def test_distill_writes_outputs(pipeline):
     summary = _distill(pipeline, tiny_params(loss={"feature": 0.1}), "full")
+    assert summary["steps"] == 12 and summary["best_step"] in (6, 12) and summary["val_psnr"] > 0
     out = pipeline / "full"
     assert (out / "student/student.pth").is_file() and (out / "student/last.pth").is_file()
     assert json.loads((out / "metrics/train.json").read_text())["steps"] == 12
@@ -186,8 +213,19 @@ def test_two_process_gloo(pipeline, tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(deep_update(repo_params_dict(), TINY)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "stages/distill.py")],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "stages/distill.py"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((work / "metrics/train.json").read_text())

@@ -36,16 +36,27 @@ def distill(
     cache_info = _cache_info(teacher_dir)
     torch.manual_seed(params.seed)
     sp = params.student
-    student = Student(scale=params.data.scale, channels=sp.channels, blocks=sp.blocks, activation=sp.activation)
+    student = Student(
+        scale=params.data.scale, channels=sp.channels, blocks=sp.blocks, activation=sp.activation
+    )
     # Built before any step: a missing VGG file or feature cache stops here.
-    objective = DistillObjective(student, params.loss, cache_info.get("feature_channels", 0), weights.weights_dir(params.weights.dir))
+    objective = DistillObjective(
+        student, params.loss, cache_info.get("feature_channels", 0), weights.weights_dir(params.weights.dir)
+    )
     patches = TrainPatches(pairs_dir, teacher_dir, keys=objective.needed_keys())
     valid = load_valid(pairs_dir) if rank == 0 else []
     metrics = QualityMetrics(params.data.scale, lpips=False)
     d = params.distill
     cfg = FitConfig(
-        steps=d.steps, lr=d.lr, weight_decay=d.weight_decay, warmup_steps=d.warmup_steps, grad_clip=d.grad_clip,
-        eval_every=d.eval_every, checkpoint_every=d.checkpoint_every, amp=d.amp, seed=params.seed,
+        steps=d.steps,
+        lr=d.lr,
+        weight_decay=d.weight_decay,
+        warmup_steps=d.warmup_steps,
+        grad_clip=d.grad_clip,
+        eval_every=d.eval_every,
+        checkpoint_every=d.checkpoint_every,
+        amp=d.amp,
+        seed=params.seed,
         # The cache's content, not its timings: a rebuilt but identical cache still resumes.
         fingerprint={"params": flatten(params), "world": world, "cache": _cache_identity(cache_info)},
     )
@@ -53,8 +64,16 @@ def distill(
         objective,
         patches.batch_fn(d.batch_size, params.seed, rank, world),
         cfg,
-        evaluate=lambda: validate(student, valid, metrics, use="input", scale_out=1, tile=params.infer.tile,
-                                  overlap=params.infer.overlap, align=params.data.scale),
+        evaluate=lambda: validate(
+            student,
+            valid,
+            metrics,
+            use="input",
+            scale_out=1,
+            tile=params.infer.tile,
+            overlap=params.infer.overlap,
+            align=params.data.scale,
+        ),
         checkpoint_path=Path(checkpoint_dir) / "ckpt.pt",
         log_metrics=lambda m, step: tracker.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step),
         desc="distill",
@@ -65,7 +84,7 @@ def distill(
     student_cpu = student.cpu().eval()
     best = Student(**student_cpu.arch_kwargs())
     prefix = "student."
-    best.load_state_dict({k[len(prefix):]: v for k, v in result.best_state.items() if k.startswith(prefix)})
+    best.load_state_dict({k[len(prefix) :]: v for k, v in result.best_state.items() if k.startswith(prefix)})
     summary = {
         "steps": result.steps,
         "best_step": result.best_step,
@@ -102,5 +121,7 @@ def _cache_identity(cache_info: dict) -> dict:
 def _cache_info(teacher_dir) -> dict:
     path = Path(teacher_dir) / "cache.json"
     if not path.is_file():
-        raise UserError(f"{path} not found: the teacher cache is missing or incomplete; run `dvc repro cache_teacher`")
+        raise UserError(
+            f"{path} not found: the teacher cache is missing or incomplete; run `dvc repro cache_teacher`"
+        )
     return json.loads(path.read_text())

@@ -10,9 +10,20 @@ import torch
 from sharpkd.infer import tiled_apply, to_image, to_tensor
 
 
-def run_tiled(model: Callable, img: np.ndarray, scale: int, tile: int, overlap: int, align: int = 1, device=None, amp=False) -> np.ndarray:
+def run_tiled(
+    model: Callable,
+    img: np.ndarray,
+    scale: int,
+    tile: int,
+    overlap: int,
+    align: int = 1,
+    device=None,
+    amp=False,
+) -> np.ndarray:
     """uint8 image in -> uint8 image out through the shared tiled inference."""
-    out = tiled_apply(model, to_tensor(img), scale=scale, tile=tile, overlap=overlap, align=align, device=device, amp=amp)
+    out = tiled_apply(
+        model, to_tensor(img), scale=scale, tile=tile, overlap=overlap, align=align, device=device, amp=amp
+    )
     return to_image(out)
 
 
@@ -25,7 +36,9 @@ def mean_scores(rows: Sequence[dict]) -> dict:
     return out
 
 
-def validate(model: Callable, images, metrics, *, use: str, scale_out: int, tile: int, overlap: int, align: int = 1) -> dict:
+def validate(
+    model: Callable, images, metrics, *, use: str, scale_out: int, tile: int, overlap: int, align: int = 1
+) -> dict:
     """Mean PSNR/SSIM of `model` over validation images; `use` picks its input ('lr' for a teacher, 'input' for a student)."""
     device = None
     if isinstance(model, torch.nn.Module):

@@ -54,16 +54,22 @@ class VGGFeatures(nn.Module):
 
         unknown = [n for n in layers if n not in VGG19_LAYERS]
         if unknown or not layers:
-            raise UserError(f"loss.perceptual_layers: unknown {unknown or 'empty list'}; allowed: {', '.join(VGG19_LAYERS)}")
+            raise UserError(
+                f"loss.perceptual_layers: unknown {unknown or 'empty list'}; allowed: {', '.join(VGG19_LAYERS)}"
+            )
         last = max(VGG19_LAYERS[n] for n in layers)
         self.features = vgg19().features[: last + 1].eval()
         try:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
             # Only the convolutional part up to the deepest tap is needed.
             wanted = {k for k in self.features.state_dict()}
-            self.features.load_state_dict({k[len("features.") :]: v for k, v in state.items() if k[len("features.") :] in wanted})
+            self.features.load_state_dict(
+                {k[len("features.") :]: v for k, v in state.items() if k[len("features.") :] in wanted}
+            )
         except Exception as exc:
-            raise UserError(f"{weights_path}: not a valid VGG19 state dict ({str(exc).splitlines()[0]})") from None
+            raise UserError(
+                f"{weights_path}: not a valid VGG19 state dict ({str(exc).splitlines()[0]})"
+            ) from None
         self.taps = {VGG19_LAYERS[n] for n in layers}
         for p in self.parameters():
             p.requires_grad_(False)
@@ -92,7 +98,13 @@ def perceptual_distance(vgg: VGGFeatures, a: torch.Tensor, b: torch.Tensor) -> t
 class DistillObjective(nn.Module):
     """Student + (optional) projector and VGG: forward(batch) -> (total, terms)."""
 
-    def __init__(self, student: nn.Module, loss: LossParams, teacher_feat_channels: int = 0, weights_dir: Path | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        loss: LossParams,
+        teacher_feat_channels: int = 0,
+        weights_dir: Path | None = None,
+    ):
         super().__init__()
         self.student = student
         self.w = {"pixel": loss.pixel, "kd": loss.kd, "perceptual": loss.perceptual, "feature": loss.feature}
@@ -101,11 +113,15 @@ class DistillObjective(nn.Module):
         self.perceptual_target = loss.perceptual_target
         self.vgg = None
         if loss.perceptual > 0:
-            self.vgg = VGGFeatures(tuple(loss.perceptual_layers), find_vgg19_weights(weights_dir or Path(".")))
+            self.vgg = VGGFeatures(
+                tuple(loss.perceptual_layers), find_vgg19_weights(weights_dir or Path("."))
+            )
         self.projector = None
         if loss.feature > 0:
             if teacher_feat_channels <= 0:
-                raise UserError("loss.feature > 0 but the teacher cache has no features (see teacher.feature_layers)")
+                raise UserError(
+                    "loss.feature > 0 but the teacher cache has no features (see teacher.feature_layers)"
+                )
             self.projector = nn.Conv2d(student.channels, teacher_feat_channels, 1)
 
     def needed_keys(self) -> tuple[str, ...]:

@@ -69,7 +69,9 @@ def estimate_bytes(n: int, patch: int, scale: int, feat_channels: int) -> int:
     return n * (patch * patch * 3 + feat_channels * lr * lr * 2)
 
 
-def cache_teacher(params: Params, tracker, pairs_dir="data/pairs", teacher_dir="models/teacher", out_dir="data/teacher") -> dict:
+def cache_teacher(
+    params: Params, tracker, pairs_dir="data/pairs", teacher_dir="models/teacher", out_dir="data/teacher"
+) -> dict:
     device = device_for_training()
     model, info = load_teacher(teacher_dir, device)
     if device.type == "cuda":
@@ -94,12 +96,16 @@ def cache_teacher(params: Params, tracker, pairs_dir="data/pairs", teacher_dir="
     if tap:
         _, f = run(lr[:1])
         if f.shape[-2:] != (h, w):
-            raise UserError(f"teacher.feature_layers {layers} give features of size {tuple(f.shape[-2:])}, not on the LR grid {(h, w)}")
+            raise UserError(
+                f"teacher.feature_layers {layers} give features of size {tuple(f.shape[-2:])}, not on the LR grid {(h, w)}"
+            )
         full_channels = f.shape[1]
     k = params.teacher.feature_channels
     channels = min(k, full_channels) if (k and full_channels) else full_channels
     size = estimate_bytes(n, h * scale, scale, channels)
-    print(f"[cache_teacher] {n} patches, features {full_channels}->{channels} ch: estimated cache {size / 1e9:.3f} GB")
+    print(
+        f"[cache_teacher] {n} patches, features {full_channels}->{channels} ch: estimated cache {size / 1e9:.3f} GB"
+    )
     if size > params.cache.max_gb * 1e9:
         raise UserError(
             f"estimated teacher cache {size / 1e9:.2f} GB exceeds cache.max_gb={params.cache.max_gb}; "
@@ -112,10 +118,14 @@ def cache_teacher(params: Params, tracker, pairs_dir="data/pairs", teacher_dir="
         proj = fit_pca(feats, channels)
 
     with atomic_dir(out_dir) as tmp:
-        outs = np.lib.format.open_memmap(tmp / "train_out.npy", mode="w+", dtype=np.uint8, shape=(n, h * scale, w * scale, 3))
+        outs = np.lib.format.open_memmap(
+            tmp / "train_out.npy", mode="w+", dtype=np.uint8, shape=(n, h * scale, w * scale, 3)
+        )
         feat_arr = None
         if tap:
-            feat_arr = np.lib.format.open_memmap(tmp / "train_feat.npy", mode="w+", dtype=np.float16, shape=(n, channels, h, w))
+            feat_arr = np.lib.format.open_memmap(
+                tmp / "train_feat.npy", mode="w+", dtype=np.float16, shape=(n, channels, h, w)
+            )
         t0 = time.perf_counter()
         for i in tqdm(range(0, n, bs), desc="teacher on training patches", unit="batch"):
             out, f = run(lr[i : i + bs])
@@ -130,14 +140,18 @@ def cache_teacher(params: Params, tracker, pairs_dir="data/pairs", teacher_dir="
             feat_arr.flush()
             del feat_arr
         if proj is not None:
-            np.savez(tmp / "feature_projection.npz", mean=proj[0], components=proj[1], layers=np.array(layers))
+            np.savez(
+                tmp / "feature_projection.npz", mean=proj[0], components=proj[1], layers=np.array(layers)
+            )
         if tap:
             tap.close()
 
         valid = load_valid(pairs_dir)
         t0 = time.perf_counter()
         for im in tqdm(valid, desc="teacher on validation images", unit="img"):
-            out = run_tiled(model, im.lr, scale, params.infer.tile, params.infer.overlap, device=device, amp=amp)
+            out = run_tiled(
+                model, im.lr, scale, params.infer.tile, params.infer.overlap, device=device, amp=amp
+            )
             save_image(tmp / "valid" / f"{im.name}.png", out)
         valid_s = time.perf_counter() - t0
         summary = {
@@ -156,7 +170,9 @@ def cache_teacher(params: Params, tracker, pairs_dir="data/pairs", teacher_dir="
             "bytes": size,
         }
         write_json(tmp / "cache.json", summary)
-    print(f"[cache_teacher] {patches_per_s:.1f} patches/s on {device}; {len(valid)} validation images in {valid_s:.1f}s")
+    print(
+        f"[cache_teacher] {patches_per_s:.1f} patches/s on {device}; {len(valid)} validation images in {valid_s:.1f}s"
+    )
     tracker.log_metrics({"cache.patches_per_s": patches_per_s, "cache.bytes": size})
     tracker.set_tags({"device": str(device)})
     return summary

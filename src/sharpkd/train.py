@@ -171,11 +171,22 @@ def fit(
 
     objective.train()
     t0, last_metrics = time.perf_counter(), {}
-    bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", disable=rank != 0, initial=start, total=cfg.steps, mininterval=1.0)
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc=desc,
+        unit="step",
+        disable=rank != 0,
+        initial=start,
+        total=cfg.steps,
+        mininterval=1.0,
+    )
     for step in bar:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch_fn(step).items()}
         if on_cuda:
-            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in batch.items()}
+            batch = {
+                k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                for k, v in batch.items()
+            }
         with autocast:
             total, terms = model(batch)
         if not torch.isfinite(total):
@@ -191,14 +202,22 @@ def fit(
         optimizer.step()
         scheduler.step()
 
-        row = {"step": step + 1, "loss": total.item(), **{k: float(v) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[0]}
+        row = {
+            "step": step + 1,
+            "loss": total.item(),
+            **{k: float(v) for k, v in terms.items()},
+            "lr": scheduler.get_last_lr()[0],
+        }
         done = step + 1
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             last_metrics = run_eval(done)
             row.update({f"val_{k}": v for k, v in last_metrics.items()})
         curve.append(row)
         if rank == 0:
-            bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val_psnr": f"{row['val_psnr']:.2f}"} if "val_psnr" in row else {}))
+            bar.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                **({"val_psnr": f"{row['val_psnr']:.2f}"} if "val_psnr" in row else {}),
+            )
             if log_metrics and (done % cfg.log_every == 0 or "val_psnr" in row or done == cfg.steps):
                 log_metrics({k: v for k, v in row.items() if k != "step"}, done)
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):

@@ -27,7 +27,11 @@ _PAN_SHA256 = {
 # the file is still downloaded, its sha256 printed and recorded in teacher.json.
 PRETRAINED: dict[str, dict] = {
     **{
-        f"swinir_x{s}": {"filename": _SWINIR.format(s=s).rsplit("/", 1)[1], "url": _SWINIR.format(s=s), "sha256": None}
+        f"swinir_x{s}": {
+            "filename": _SWINIR.format(s=s).rsplit("/", 1)[1],
+            "url": _SWINIR.format(s=s),
+            "sha256": None,
+        }
         for s in (2, 3, 4)
     },
     **{
@@ -38,7 +42,9 @@ PRETRAINED: dict[str, dict] = {
 
 
 def weights_dir(configured: str = "") -> Path:
-    return Path(configured or os.environ.get("SHARPKD_WEIGHTS_DIR") or Path.home() / ".cache" / "sharpkd" / "weights").expanduser()
+    return Path(
+        configured or os.environ.get("SHARPKD_WEIGHTS_DIR") or Path.home() / ".cache" / "sharpkd" / "weights"
+    ).expanduser()
 
 
 def sha256_of(path: str | Path) -> str:
@@ -49,7 +55,9 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def fetch_weights(filename: str, url: str, sha256: str | None, folder: str | Path, timeout: float = 30.0) -> Path:
+def fetch_weights(
+    filename: str, url: str, sha256: str | None, folder: str | Path, timeout: float = 30.0
+) -> Path:
     """`folder/filename`, downloaded from `url` if absent; sha256-verified when pinned."""
     import requests
 
@@ -58,14 +66,19 @@ def fetch_weights(filename: str, url: str, sha256: str | None, folder: str | Pat
     if path.is_file():
         if sha256 is None or sha256_of(path) == sha256:
             return path
-        raise UserError(f"{path}: sha256 mismatch (expected {sha256}, got {sha256_of(path)}); delete it or replace it with the official file from {url}")
+        raise UserError(
+            f"{path}: sha256 mismatch (expected {sha256}, got {sha256_of(path)}); delete it or replace it with the official file from {url}"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     try:
         with requests.get(url, stream=True, timeout=timeout) as r:
             r.raise_for_status()
             total = int(r.headers.get("Content-Length", 0)) or None
-            with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"download {filename}") as bar:
+            with (
+                open(part, "wb") as f,
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"download {filename}") as bar,
+            ):
                 for chunk in r.iter_content(1 << 16):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -78,7 +91,9 @@ def fetch_weights(filename: str, url: str, sha256: str | None, folder: str | Pat
     got = sha256_of(part)
     if sha256 is not None and got != sha256:
         part.unlink()
-        raise UserError(f"{filename} from {url}: sha256 mismatch (expected {sha256}, got {got}); the download was removed")
+        raise UserError(
+            f"{filename} from {url}: sha256 mismatch (expected {sha256}, got {got}); the download was removed"
+        )
     if sha256 is None:
         print(f"[weights] {filename}: sha256 {got} (not pinned; recorded in teacher.json)")
     part.replace(path)

@@ -31,7 +31,9 @@ def _load(path: Path) -> np.ndarray:
 class TrainPatches:
     """Memory-mapped training arrays; `keys` picks which ones a run needs."""
 
-    def __init__(self, pairs_dir: str | Path = "data/pairs", teacher_dir: str | Path | None = None, keys=("hr", "lr")):
+    def __init__(
+        self, pairs_dir: str | Path = "data/pairs", teacher_dir: str | Path | None = None, keys=("hr", "lr")
+    ):
         self.arrays: dict[str, np.ndarray] = {}
         for key in keys:
             if key in PAIR_FILES:
@@ -44,7 +46,9 @@ class TrainPatches:
                 raise ValueError(f"unknown array {key!r}")
         lengths = {k: len(a) for k, a in self.arrays.items()}
         if len(set(lengths.values())) != 1:
-            raise UserError(f"training arrays are not aligned (lengths {lengths}); rerun `dvc repro` from degrade")
+            raise UserError(
+                f"training arrays are not aligned (lengths {lengths}); rerun `dvc repro` from degrade"
+            )
         self.n = next(iter(lengths.values()))
         if self.n == 0:
             raise UserError(f"{pairs_dir}: no training patches")
@@ -52,7 +56,9 @@ class TrainPatches:
     def __len__(self) -> int:
         return self.n
 
-    def batch_fn(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Callable[[int], dict[str, torch.Tensor]]:
+    def batch_fn(
+        self, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> Callable[[int], dict[str, torch.Tensor]]:
         shard = np.arange(rank, self.n, world)
 
         def batch(step: int) -> dict[str, torch.Tensor]:
@@ -84,7 +90,9 @@ class ValidImage:
     teacher: np.ndarray | None
 
 
-def load_valid(pairs_dir: str | Path = "data/pairs", teacher_dir: str | Path | None = None) -> list[ValidImage]:
+def load_valid(
+    pairs_dir: str | Path = "data/pairs", teacher_dir: str | Path | None = None
+) -> list[ValidImage]:
     """Whole validation images (uint8 RGB), in manifest order."""
     pairs_dir = Path(pairs_dir)
     manifest = pairs_dir / "valid_manifest.csv"

@@ -30,8 +30,12 @@ class EDSR(nn.Module):
         super().__init__()
         self.scale, self.channels, self.blocks = scale, channels, blocks
         self.head = nn.Conv2d(3, channels, 3, padding=1)
-        self.body = nn.Sequential(*[ResBlock(channels) for _ in range(blocks)], nn.Conv2d(channels, channels, 3, padding=1))
-        self.upsample = nn.Sequential(nn.Conv2d(channels, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+        self.body = nn.Sequential(
+            *[ResBlock(channels) for _ in range(blocks)], nn.Conv2d(channels, channels, 3, padding=1)
+        )
+        self.upsample = nn.Sequential(
+            nn.Conv2d(channels, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale)
+        )
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         x = self.head(lr)

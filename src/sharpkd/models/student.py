@@ -25,7 +25,9 @@ class Student(nn.Module):
         act = ACTIVATIONS[activation]
         lr_channels = 3 * scale * scale
         self.head = nn.Sequential(nn.Conv2d(lr_channels, channels, 3, padding=1), act())
-        self.body = nn.Sequential(*[m for _ in range(blocks) for m in (nn.Conv2d(channels, channels, 3, padding=1), act())])
+        self.body = nn.Sequential(
+            *[m for _ in range(blocks) for m in (nn.Conv2d(channels, channels, 3, padding=1), act())]
+        )
         self.tail = nn.Conv2d(channels, lr_channels, 3, padding=1)
         # He init keeps the conv stack's activations alive (PyTorch's default init shrinks them
         # layer after layer and the ReLUs die within a few steps).
@@ -53,7 +55,12 @@ class Student(nn.Module):
     def arch_kwargs(self) -> dict:
         acts = {type(m) for m in self.head}
         name = next(k for k, v in ACTIVATIONS.items() if v in acts)
-        return {"scale": self.scale, "channels": self.channels, "blocks": len(self.body) // 2, "activation": name}
+        return {
+            "scale": self.scale,
+            "channels": self.channels,
+            "blocks": len(self.body) // 2,
+            "activation": name,
+        }
 
 
 def count_params(model: nn.Module) -> int:

@@ -49,7 +49,9 @@ def load_spandrel(path: str | Path, scale: int | None = None) -> tuple[nn.Module
     except Exception as exc:  # spandrel raises plain exceptions for unknown or broken files
         raise UserError(f"teacher checkpoint {path}: spandrel cannot load it ({exc})") from None
     if scale is not None and desc.scale != scale:
-        raise UserError(f"teacher checkpoint {path} is a x{desc.scale} model but data.scale is {scale}; use a x{scale} checkpoint")
+        raise UserError(
+            f"teacher checkpoint {path} is a x{desc.scale} model but data.scale is {scale}; use a x{scale} checkpoint"
+        )
     return desc.model, desc.architecture.name, desc.scale
 
 
@@ -59,14 +61,18 @@ def _pan_module():
     return pan
 
 
-def load_teacher(folder: str | Path = "models/teacher", device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_teacher(
+    folder: str | Path = "models/teacher", device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
     """The teacher saved by the `teacher` stage, in eval mode, and its teacher.json."""
     import json
 
     folder = Path(folder)
     info_path, weights = folder / "teacher.json", folder / "teacher.pth"
     if not info_path.is_file() or not weights.is_file():
-        raise UserError(f"{folder}: no teacher found (expected teacher.json and teacher.pth; run `dvc repro teacher`)")
+        raise UserError(
+            f"{folder}: no teacher found (expected teacher.json and teacher.pth; run `dvc repro teacher`)"
+        )
     info = json.loads(info_path.read_text())
     loader = info["loader"]
     if loader == "spandrel":
@@ -89,7 +95,17 @@ def default_feature_layers(architecture: str) -> tuple[str, ...]:
     return tuple(DEFAULT_FEATURE_LAYERS.get(architecture) or ())
 
 
-def describe(model: nn.Module, *, source: str, loader: str, architecture: str, scale: int, weights: Path, feature_layers, **extra) -> dict:
+def describe(
+    model: nn.Module,
+    *,
+    source: str,
+    loader: str,
+    architecture: str,
+    scale: int,
+    weights: Path,
+    feature_layers,
+    **extra,
+) -> dict:
     names = dict(model.named_modules())
     layers = tuple(feature_layers) or default_feature_layers(architecture)
     missing = [n for n in layers if n not in names]
