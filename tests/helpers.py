@@ -68,6 +68,23 @@ def make_pairs(root: Path, params: Params) -> Path:
     return root / "data" / "pairs"
 
 
+def make_teacher_cache(root: Path, params: Params) -> Path:
+    """make_pairs, then the real teacher stage and teacher cache into root/models/teacher and root/data/teacher."""
+    from sharpkd.build_teacher import build_teacher
+    from sharpkd.teacher_cache import cache_teacher
+
+    pairs = make_pairs(root, params)
+    build_teacher(params, NullTracker(), pairs_dir=pairs, out_dir=root / "models" / "teacher")
+    cache_teacher(
+        params,
+        NullTracker(),
+        pairs_dir=pairs,
+        teacher_dir=root / "models" / "teacher",
+        out_dir=root / "data" / "teacher",
+    )
+    return root
+
+
 class serve_folder:
     """Serve `folder` over HTTP on 127.0.0.1 (a free port) in a thread: `with serve_folder(p) as base_url:`."""
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import SHARED, NullTracker, make_pairs, serve_folder, tiny_params
+from helpers import SHARED, NullTracker, make_teacher_cache, serve_folder, tiny_params
 from sharpkd import metrics as M
 from sharpkd.config import DegradationParams
 from sharpkd.errors import UserError
@@ -40,21 +40,11 @@ class RecordingTracker(NullTracker):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Real degrade + tiny trained teacher + teacher cache + tiny distilled student, built once."""
-    from sharpkd.build_teacher import build_teacher
     from sharpkd.distill import distill
-    from sharpkd.teacher_cache import cache_teacher
 
     root = tmp_path_factory.mktemp("evalpipe")
     params = tiny_params()
-    make_pairs(root, params)
-    build_teacher(params, NullTracker(), pairs_dir=root / "data/pairs", out_dir=root / "models/teacher")
-    cache_teacher(
-        params,
-        NullTracker(),
-        pairs_dir=root / "data/pairs",
-        teacher_dir=root / "models/teacher",
-        out_dir=root / "data/teacher",
-    )
+    make_teacher_cache(root, params)
     distill(
         params,
         NullTracker(),

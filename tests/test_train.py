@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, NullTracker, make_pairs, tiny_params
+from helpers import REPO, NullTracker, make_teacher_cache, tiny_params
 from sharpkd.config import LossParams
 from sharpkd.errors import UserError
 from sharpkd.losses import VGG19_FILE, DistillObjective
@@ -124,21 +124,7 @@ def test_non_finite_loss_stops(tmp_path):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Real degrade + trained tiny teacher + teacher cache, built once for this module."""
-    from sharpkd.build_teacher import build_teacher
-    from sharpkd.teacher_cache import cache_teacher
-
-    root = tmp_path_factory.mktemp("pipe")
-    params = tiny_params()
-    make_pairs(root, params)
-    build_teacher(params, NullTracker(), pairs_dir=root / "data/pairs", out_dir=root / "models/teacher")
-    cache_teacher(
-        params,
-        NullTracker(),
-        pairs_dir=root / "data/pairs",
-        teacher_dir=root / "models/teacher",
-        out_dir=root / "data/teacher",
-    )
-    return root
+    return make_teacher_cache(tmp_path_factory.mktemp("pipe"), tiny_params())
 
 
 def _distill(root, params, tag, **kw):

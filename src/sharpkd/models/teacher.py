@@ -6,7 +6,6 @@ folder back into a module mapping LR (B,3,h,w) in [0,1] to SR (B,3,h*s,w*s).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from torch import nn
 
 from sharpkd.errors import UserError
 from sharpkd.models.edsr import EDSR
+from sharpkd.models.student import count_params
+from sharpkd.weights import sha256_of
 
 # Deep features before the upsampler, on the LR grid, per architecture.
 DEFAULT_FEATURE_LAYERS = {
@@ -23,18 +24,6 @@ DEFAULT_FEATURE_LAYERS = {
     "HAT": ("conv_after_body",),
     "PAN": None,  # filled from models/pan.py
 }
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def load_spandrel(path: str | Path, scale: int | None = None) -> tuple[nn.Module, str, int]:
