@@ -68,8 +68,21 @@ def build_table(distilled: dict, baseline: dict, names: tuple[str, str]) -> str:
         ms = m.get(f"{method}.ms_1080p")
         cells += [f"{int(params):,}" if params not in (None, "", "-") else "", _fmt(ms, 0)]
         lines.append("| " + " | ".join([label, *cells]) + " |")
+    gains = ", ".join(
+        f"{float(distilled[f'{s}.student.psnr']) - float(baseline[f'{s}.student.psnr']):+.2f} dB on {s}"
+        for s in sets
+    )
+    minutes = [m.get("seconds") for m in (distilled, baseline)]
+    lines.append("")
+    lines.append(f"Distillation against no distillation (student PSNR): {gains}.")
+    if all(isinstance(t, int | float) for t in minutes) and isinstance(distilled.get("steps"), int | float):
+        lines.append(
+            f"Training time: {minutes[0] / 60:.0f} min (distilled) and {minutes[1] / 60:.0f} min (baseline), "
+            f"{int(distilled['steps']):,} steps each."
+        )
     device = distilled.get("timing.device") or "?"
-    threads = distilled.get("timing.torch_threads") or "?"
+    threads = distilled.get("timing.torch_threads")
+    threads = int(threads) if isinstance(threads, int | float) else "?"
     lines.append("")
     lines.append(
         f"PSNR/SSIM: Y channel, border of `data.scale` cropped (pyiqa); ms on {device}, {threads} torch threads."
