@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -83,6 +84,21 @@ def make_teacher_cache(root: Path, params: Params) -> Path:
         out_dir=root / "data" / "teacher",
     )
     return root
+
+
+@contextlib.contextmanager
+def lpips_from_empty_server(folder: Path, monkeypatch):
+    """pyiqa's LPIPS weight URLs pointed at a local server holding none of them: downloads fail, offline."""
+    from sharpkd import metrics as M
+
+    folder.mkdir(exist_ok=True)
+    with serve_folder(folder) as base:
+        files = {
+            k: M.WeightFile(f.filename, base + f.filename, f.cache_subdir, f.hash_prefix)
+            for k, f in M._lpips_files().items()
+        }
+        monkeypatch.setattr(M, "_lpips_files", lambda: files)
+        yield
 
 
 class serve_folder:

@@ -11,8 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import SHARED, NullTracker, make_teacher_cache, serve_folder, tiny_params
-from sharpkd import metrics as M
+from helpers import (
+    SHARED,
+    NullTracker,
+    lpips_from_empty_server,
+    make_teacher_cache,
+    tiny_params,
+)
 from sharpkd.config import DegradationParams
 from sharpkd.errors import UserError
 from sharpkd.evaluate import METHODS, SetResult, evaluate, extra_set_images, score_set
@@ -62,13 +67,7 @@ def offline_lpips(tmp_path, monkeypatch):
     """LPIPS weights nowhere: the download goes to a local server that has nothing (no internet touched)."""
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    (tmp_path / "empty_site").mkdir()
-    with serve_folder(tmp_path / "empty_site") as base:
-        files = {
-            k: M.WeightFile(f.filename, base + f.filename, f.cache_subdir, f.hash_prefix)
-            for k, f in M._lpips_files().items()
-        }
-        monkeypatch.setattr(M, "_lpips_files", lambda: files)
+    with lpips_from_empty_server(tmp_path / "empty_site", monkeypatch):
         yield
 
 

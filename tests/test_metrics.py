@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHARED, serve_folder
+from helpers import SHARED, lpips_from_empty_server, serve_folder
 from sharpkd import metrics as M
 from sharpkd.metrics import PSNR_CAP, QualityMetrics
 
@@ -131,13 +131,7 @@ def hub(tmp_path, monkeypatch):
 
 def test_lpips_null_with_reason_when_weights_missing(tmp_path, hub, monkeypatch):
     # The real URLs, but pointed at a local server that has nothing: no internet is touched.
-    (tmp_path / "empty_site").mkdir()
-    with serve_folder(tmp_path / "empty_site") as base:
-        files = {
-            k: M.WeightFile(f.filename, base + f.filename, f.cache_subdir, f.hash_prefix)
-            for k, f in M._lpips_files().items()
-        }
-        monkeypatch.setattr(M, "_lpips_files", lambda: files)
+    with lpips_from_empty_server(tmp_path / "empty_site", monkeypatch):
         m = QualityMetrics(4, lpips=True, weights_dir=tmp_path / "weights")
     assert m.lpips_reason is not None
     assert "alexnet-owt-7be5be79.pth" in m.lpips_reason and str(tmp_path / "weights") in m.lpips_reason
