@@ -28,8 +28,8 @@ test-fast: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow and not browser"
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src stages tests scripts
-	$(BIN)/ruff format --check src stages tests scripts
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 
 bench: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/bench_models.py

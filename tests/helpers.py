@@ -1,14 +1,16 @@
-"""Small builders shared by the pipeline tests (plain functions; fixtures live in conftest.py)."""
+"""Small builders shared by the pipeline tests (plain functions)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from pathlib import Path
 
 import yaml
 
 from sharpkd.config import Params, params_from_dict
+from sharpkd.stages import StagePaths
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -48,6 +50,16 @@ def tiny_params(**overrides) -> Params:
     return params_from_dict(deep_update(deep_update(repo_params_dict(), TINY), overrides))
 
 
+def degradation_params(**overrides):
+    """params.yaml's degradation group with some values changed."""
+    return dataclasses.replace(params_from_dict(repo_params_dict()).degradation, **overrides)
+
+
+def loss_params(**overrides):
+    """params.yaml's loss group with some values changed."""
+    return dataclasses.replace(params_from_dict(repo_params_dict()).loss, **overrides)
+
+
 class NullTracker:
     """Stands in for tracking when a test calls stage logic directly (tracking has its own tests)."""
 
@@ -59,30 +71,52 @@ class NullTracker:
     def log_onnx_model(self, *a, **k): ...
 
 
+def stage_paths(root: Path, **overrides) -> StagePaths:
+    """The pipeline's layout under `root`, with some folders put elsewhere."""
+    return dataclasses.replace(StagePaths.under(root), **overrides)
+
+
+def run_download(params: Params, raw: Path, tracker=None) -> dict:
+    from sharpkd.stages import download
+
+    return download.run(params, stage_paths(raw.parent, raw=raw), tracker or NullTracker())
+
+
+def run_degrade(params: Params, raw: Path, pairs: Path, tracker=None) -> dict:
+    from sharpkd.stages import degrade
+
+    return degrade.run(params, stage_paths(pairs.parent, raw=raw, pairs=pairs), tracker or NullTracker())
+
+
+def run_teacher(params: Params, pairs: Path, teacher: Path) -> dict:
+    from sharpkd.stages import teacher as stage
+
+    return stage.run(params, stage_paths(teacher.parent, pairs=pairs, teacher=teacher), NullTracker())
+
+
+def run_cache_teacher(params: Params, pairs: Path, teacher: Path, cache: Path) -> dict:
+    from sharpkd.stages import cache_teacher
+
+    paths = stage_paths(cache.parent, pairs=pairs, teacher=teacher, teacher_cache=cache)
+    return cache_teacher.run(params, paths, NullTracker())
+
+
 def make_pairs(root: Path, params: Params) -> Path:
     """Real download (samples) + degrade into root/data; returns root/data/pairs."""
-    from sharpkd.data.degrade import build_pairs
-    from sharpkd.data.sources import build_raw_dataset
+    from sharpkd.stages import degrade, download
 
-    build_raw_dataset(params, out_dir=root / "data" / "raw", tracker=NullTracker())
-    build_pairs(params, raw_dir=root / "data" / "raw", out_dir=root / "data" / "pairs", tracker=NullTracker())
+    download.run(params, stage_paths(root), NullTracker())
+    degrade.run(params, stage_paths(root), NullTracker())
     return root / "data" / "pairs"
 
 
 def make_teacher_cache(root: Path, params: Params) -> Path:
     """make_pairs, then the real teacher stage and teacher cache into root/models/teacher and root/data/teacher."""
-    from sharpkd.build_teacher import build_teacher
-    from sharpkd.teacher_cache import cache_teacher
+    from sharpkd.stages import cache_teacher, teacher
 
-    pairs = make_pairs(root, params)
-    build_teacher(params, NullTracker(), pairs_dir=pairs, out_dir=root / "models" / "teacher")
-    cache_teacher(
-        params,
-        NullTracker(),
-        pairs_dir=pairs,
-        teacher_dir=root / "models" / "teacher",
-        out_dir=root / "data" / "teacher",
-    )
+    make_pairs(root, params)
+    teacher.run(params, stage_paths(root), NullTracker())
+    cache_teacher.run(params, stage_paths(root), NullTracker())
     return root
 
 

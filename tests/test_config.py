@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import yaml
@@ -32,9 +33,36 @@ def test_load_params_reads_yaml(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(_with(seed=7, data={"scale": 2, "patch_size": 64})))
     params = load_params(tmp_path / "params.yaml")
     assert params.seed == 7 and params.data.scale == 2 and params.data.patch_size == 64
-    # Missing keys take the dataclass defaults; an empty file is all defaults.
+
+
+def test_params_yaml_is_the_one_source_of_values(tmp_path):
+    """No dataclass holds a default: a missing key, group or file is an error naming it."""
+    todo = [Params]
+    while todo:
+        cls = todo.pop()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f.name
+            if dataclasses.is_dataclass(hints[f.name]):
+                todo.append(hints[f.name])
+    raw = repo_params_dict()
+    del raw["distill"]["steps"]
+    with pytest.raises(ConfigError, match=r"key 'distill.steps' is missing"):
+        params_from_dict(raw)
+    raw = repo_params_dict()
+    del raw["eval"]
+    with pytest.raises(ConfigError, match=r"key 'eval' is missing"):
+        params_from_dict(raw)
     (tmp_path / "empty.yaml").write_text("")
-    assert load_params(tmp_path / "empty.yaml") == Params()
+    with pytest.raises(ConfigError, match=r"empty.yaml is empty"):
+        load_params(tmp_path / "empty.yaml")
+
+
+def test_cross_key_checks_happen_at_load():
+    with pytest.raises(ConfigError, match=r"eval.sets.valid"):
+        params_from_dict(_with(eval={"sets": {"valid": "x"}}))
+    with pytest.raises(ConfigError, match=r"data.samples.valid_count"):
+        params_from_dict(_with(data={"samples": {"valid_count": 7}}))
 
 
 def test_params_are_frozen():

@@ -12,17 +12,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import SHARED, NullTracker, tiny_params
-from sharpkd.config import DegradationParams
-from sharpkd.data.degrade import (
+from helpers import SHARED, degradation_params, run_degrade, run_download, tiny_params
+from sharpkd.data.degradation import (
     apply_degradation,
-    build_pairs,
     crop_to_multiple,
     degrade_image,
     draw_degradation,
     resize,
 )
-from sharpkd.data.sources import build_raw_dataset
 from sharpkd.errors import UserError
 from sharpkd.images import read_rgb
 
@@ -91,7 +88,7 @@ def test_bicubic_downscale_matches_matlab_lr():
 @pytest.mark.parametrize("kernel", ["bicubic", "bilinear"])
 def test_degrade_image_shapes(scale, kernel):
     hr = _photo(12 * scale, 10 * scale, 0)
-    deg = DegradationParams(downscale=kernel, upscale=kernel, **ALL_ON)
+    deg = degradation_params(downscale=kernel, upscale=kernel, **ALL_ON)
     lr, degraded, record = degrade_image(hr, scale, deg, np.random.default_rng(0))
     assert lr.shape == (12, 10, 3) and degraded.shape == hr.shape
     assert lr.dtype == degraded.dtype == np.uint8
@@ -101,7 +98,7 @@ def test_degrade_image_shapes(scale, kernel):
 
 def test_degrade_image_needs_a_multiple_of_scale():
     with pytest.raises(ValueError, match="not a multiple of scale 4"):
-        degrade_image(_photo(30, 32, 0), 4, DegradationParams(), np.random.default_rng(0))
+        degrade_image(_photo(30, 32, 0), 4, degradation_params(), np.random.default_rng(0))
 
 
 def test_crop_to_multiple():
@@ -115,7 +112,7 @@ def test_kernels_differ():
 
 
 def test_draw_degradation_ranges_and_probabilities():
-    on = DegradationParams(jpeg_quality=(40, 60), blur_sigma=(0.5, 0.7), noise_sigma=(2.0, 3.0), **ALL_ON)
+    on = degradation_params(jpeg_quality=(40, 60), blur_sigma=(0.5, 0.7), noise_sigma=(2.0, 3.0), **ALL_ON)
     rng = np.random.default_rng(3)
     for _ in range(50):
         r = draw_degradation(on, rng)
@@ -123,10 +120,10 @@ def test_draw_degradation_ranges_and_probabilities():
             40 <= r["jpeg_quality"] <= 60 and 0.5 <= r["blur_sigma"] <= 0.7 and 2.0 <= r["noise_sigma"] <= 3.0
         )
         assert isinstance(r["noise_seed"], int)
-    off = draw_degradation(DegradationParams(**ALL_OFF), rng)
+    off = draw_degradation(degradation_params(**ALL_OFF), rng)
     assert off == {"jpeg_quality": None, "blur_sigma": 0.0, "noise_sigma": 0.0, "noise_seed": None}
     # Probabilities are probabilities: about half of the draws use JPEG at jpeg_prob 0.5.
-    half = DegradationParams(jpeg_prob=0.5, blur_prob=0.0, noise_prob=0.0)
+    half = degradation_params(jpeg_prob=0.5, blur_prob=0.0, noise_prob=0.0)
     used = sum(draw_degradation(half, rng)["jpeg_quality"] is not None for _ in range(400))
     assert 150 < used < 250
 
@@ -158,7 +155,7 @@ def test_each_degradation_does_what_it_says():
 
 def test_albumentations_global_rng_does_not_leak():
     """Same record, any state of `random` / `np.random`: the same bytes."""
-    deg = DegradationParams(**ALL_ON)
+    deg = degradation_params(**ALL_ON)
     hr = _photo(32, 32, 5)
     outs = set()
     for seed in range(3):
@@ -188,7 +185,7 @@ def _raw(root: Path, train_sizes, valid_sizes, names=None) -> Path:
     params = tiny_params(
         data={"source": "folder", "folder": {"train": str(src / "train"), "valid": str(src / "valid")}}
     )
-    build_raw_dataset(params, out_dir=root / "raw", tracker=NullTracker())
+    run_download(params, root / "raw")
     return root / "raw"
 
 
@@ -207,7 +204,7 @@ def raw(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pairs(raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "pairs"
-    summary = build_pairs(_params(), raw_dir=raw, out_dir=out, tracker=NullTracker())
+    summary = run_degrade(_params(), raw, out)
     return out, summary
 
 
@@ -296,7 +293,7 @@ def test_validation_images(pairs, raw):
 
 
 def test_valid_max_side_center_crops(raw, tmp_path):
-    build_pairs(tiny_params(data={"valid_max_side": 20}), raw_dir=raw, out_dir=tmp_path / "p")
+    run_degrade(tiny_params(data={"valid_max_side": 20}), raw, tmp_path / "p")
     man = pd.read_csv(tmp_path / "p" / "valid_manifest.csv")
     assert man.width.tolist() == [20, 20] and man.height.tolist() == [20, 20]
     full = read_rgb(raw / "valid" / "v0.png")[0]  # 41x59: the centre 20x20 starts at (10, 19)
@@ -307,11 +304,10 @@ def test_same_seed_same_bytes(pairs, raw, tmp_path):
     out, _ = pairs
     random.seed(99)  # other RNGs in other states must not matter
     np.random.seed(99)
-    build_pairs(_params(), raw_dir=raw, out_dir=tmp_path / "again")
+    run_degrade(_params(), raw, tmp_path / "again")
     first, again = _files(out), _files(tmp_path / "again")
     assert first.keys() == again.keys() and first == again
-    build_pairs(tiny_params(seed=4, data={"patches_per_image": 5}, degradation={**ALL_ON, "jpeg_quality": [60, 90]}),
-                raw_dir=raw, out_dir=tmp_path / "other")  # fmt: skip
+    run_degrade(tiny_params(seed=4, data={"patches_per_image": 5}, degradation={**ALL_ON, "jpeg_quality": [60, 90]}), raw, tmp_path / "other")  # fmt: skip
     other = _files(tmp_path / "other")
     for key in ("train_hr.npy", "train_input.npy", "train_manifest.csv", "valid/input/v0.png"):
         assert other[key] != first[key], key
@@ -319,10 +315,7 @@ def test_same_seed_same_bytes(pairs, raw, tmp_path):
 
 def test_scale_4_and_3(raw, tmp_path):
     for scale, patch in ((4, 32), (3, 33)):
-        summary = build_pairs(
-            tiny_params(data={"scale": scale, "patch_size": patch, "patches_per_image": 2}),
-            raw_dir=raw, out_dir=tmp_path / f"x{scale}",
-        )  # fmt: skip
+        summary = run_degrade(tiny_params(data={"scale": scale, "patch_size": patch, "patches_per_image": 2}), raw, tmp_path / f"x{scale}")  # fmt: skip
         lr = np.load(tmp_path / f"x{scale}" / "train_lr.npy")
         assert lr.shape[1:] == (patch // scale, patch // scale, 3) and summary["scale"] == scale
         man = pd.read_csv(tmp_path / f"x{scale}" / "valid_manifest.csv")
@@ -330,7 +323,7 @@ def test_scale_4_and_3(raw, tmp_path):
 
 
 def test_small_images_skipped_and_counted(capsys, raw, tmp_path):
-    build_pairs(_params(), raw_dir=raw, out_dir=tmp_path / "p")
+    run_degrade(_params(), raw, tmp_path / "p")
     printed = capsys.readouterr().out
     assert f"skipped {raw / 'train' / 't2.png'}: 50x20 is smaller than data.patch_size=32" in printed
     assert "(1 skipped)" in printed
@@ -341,7 +334,7 @@ def test_all_images_too_small_writes_nothing(raw, tmp_path):
     out.mkdir()
     (out / "pairs.json").write_text("{}")  # an earlier, complete output
     with pytest.raises(UserError) as err:
-        build_pairs(tiny_params(data={"patch_size": 128}), raw_dir=raw, out_dir=out)
+        run_degrade(tiny_params(data={"patch_size": 128}), raw, out)
     assert "data.patch_size=128" in str(err.value) and str(raw / "train") in str(err.value)
     assert _files(out) == {"pairs.json": b"{}"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pairs.")]
@@ -349,14 +342,14 @@ def test_all_images_too_small_writes_nothing(raw, tmp_path):
 
 def test_missing_raw_manifest(tmp_path):
     with pytest.raises(UserError, match=r"manifest.csv not found; run `dvc repro download`"):
-        build_pairs(tiny_params(), raw_dir=tmp_path / "raw", out_dir=tmp_path / "pairs")
+        run_degrade(tiny_params(), tmp_path / "raw", tmp_path / "pairs")
     assert not (tmp_path / "pairs").exists()
 
 
 def test_numeric_names_survive(tmp_path):
     """DIV2K-style names ("0001") stay names through the CSV, not the numbers 1."""
     raw = _raw(tmp_path, [(40, 40), (40, 40)], [(20, 20)], names=["0001", "0002"])
-    summary = build_pairs(tiny_params(data={"patches_per_image": 1}), raw_dir=raw, out_dir=tmp_path / "pairs")
+    summary = run_degrade(tiny_params(data={"patches_per_image": 1}), raw, tmp_path / "pairs")
     assert summary["train_images"] == 2
     assert pd.read_csv(tmp_path / "pairs" / "train_manifest.csv", dtype={"image": str}).image.tolist() == [
         "0001",

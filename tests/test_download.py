@@ -26,10 +26,20 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import REPO, SHARED, TINY, NullTracker, deep_update, repo_params_dict, serve_folder, tiny_params
+from helpers import (
+    REPO,
+    SHARED,
+    TINY,
+    deep_update,
+    repo_params_dict,
+    run_download,
+    serve_folder,
+    tiny_params,
+)
 from sharpkd.data import sources
-from sharpkd.data.sources import SAMPLE_PHOTOS, DownloadError, build_raw_dataset, fetch
+from sharpkd.data.sources import SAMPLE_PHOTOS
 from sharpkd.errors import UserError
+from sharpkd.fetch import DownloadError, download
 from sharpkd.images import load_image, read_rgb
 
 MANIFEST_COLUMNS = ["split", "source", "name", "origin", "width", "height", "sha256", "note"]
@@ -203,7 +213,7 @@ def test_div2k_download_first_n_and_cache(tmp_path, monkeypatch, div2k, capsys):
     cache, out = tmp_path / "cache", tmp_path / "raw"
     server = RangeServer(zips)
     with server as url:
-        counts = build_raw_dataset(_div2k_params(url, cache), out_dir=out, tracker=NullTracker())
+        counts = run_download(_div2k_params(url, cache), out)
     assert counts["train"] == 2 and counts["valid"] == 1 and counts["skipped"] == []
     assert [r for _, r in server.requests] == [None, None]  # one plain GET per zip
     df = _check_raw(out)
@@ -225,9 +235,7 @@ def test_div2k_download_first_n_and_cache(tmp_path, monkeypatch, div2k, capsys):
 
     # Verified zips in the cache are not fetched again: this run has no server at all.
     capsys.readouterr()
-    counts = build_raw_dataset(
-        _div2k_params(url, cache, train_count=3, valid_count=2), out_dir=out, tracker=NullTracker()
-    )
+    counts = run_download(_div2k_params(url, cache, train_count=3, valid_count=2), out)
     assert counts["train"] == 3 and counts["valid"] == 2
     assert "not fetched again" in capsys.readouterr().out
     assert len(server.requests) == 2
@@ -237,7 +245,7 @@ def test_div2k_count_larger_than_zip(tmp_path, monkeypatch, div2k, capsys):
     zips = {k: v[0] for k, v in div2k.items()}
     _expect(monkeypatch, zips)
     with RangeServer(zips) as url:
-        counts = build_raw_dataset(_div2k_params(url, tmp_path / "c", 800, 100), out_dir=tmp_path / "raw")
+        counts = run_download(_div2k_params(url, tmp_path / "c", 800, 100), tmp_path / "raw")
     assert counts["train"] == 3 and counts["valid"] == 2
     assert (
         "data.div2k.train_count = 800, but DIV2K_train_HR.zip holds 3 PNG images" in capsys.readouterr().out
@@ -251,7 +259,7 @@ def test_div2k_resume_after_cut_connection(tmp_path, monkeypatch, div2k, capsys)
     cut = len(train) // 3
     server = RangeServer(zips, cut_after=cut, cuts=1)  # the first response (the train zip) is cut
     with server as url:
-        counts = build_raw_dataset(_div2k_params(url, tmp_path / "cache"), out_dir=tmp_path / "raw")
+        counts = run_download(_div2k_params(url, tmp_path / "cache"), tmp_path / "raw")
     assert counts["train"] == 2
     train_requests = [r for name, r in server.requests if name == "DIV2K_train_HR.zip"]
     assert train_requests == [None, f"bytes={cut}-"]  # resumed where the cut left it
@@ -268,7 +276,7 @@ def test_interrupted_download_keeps_part_then_resumes_next_run(tmp_path):
     part = dest.with_name("big.zip.part")
     server = RangeServer({"big.zip": data}, cut_after=1000, cuts=10)  # every response dies after 1000 bytes
     with server as url, pytest.raises(DownloadError) as err:
-        fetch(url + "big.zip", dest, len(data), md5, attempts=2)
+        download(url + "big.zip", dest, len(data), ("md5", md5), attempts=2)
     assert (
         "failed after 2 attempts" in str(err.value)
         and str(part) in str(err.value)
@@ -279,7 +287,7 @@ def test_interrupted_download_keeps_part_then_resumes_next_run(tmp_path):
 
     server = RangeServer({"big.zip": data})  # the next run, the network is back
     with server as url:
-        assert fetch(url + "big.zip", dest, len(data), md5) == dest
+        assert download(url + "big.zip", dest, len(data), ("md5", md5)) == dest
     assert server.requests == [("big.zip", "bytes=2000-")]
     assert server.sent["big.zip"] == len(data) - 2000
     assert dest.read_bytes() == data and not part.exists()
@@ -292,7 +300,7 @@ def test_part_file_already_complete(tmp_path):
     dest.with_name("f.zip.part").write_bytes(data)
     server = RangeServer({"f.zip": data})
     with server as url:
-        fetch(url + "f.zip", dest, len(data), hashlib.md5(data).hexdigest())
+        download(url + "f.zip", dest, len(data), ("md5", hashlib.md5(data).hexdigest()))
     assert server.requests == [("f.zip", "bytes=3000-")] and server.sent == {}
     assert dest.read_bytes() == data
 
@@ -306,7 +314,7 @@ def test_server_without_range_support_restarts(tmp_path, capsys):
     dest.parent.mkdir()
     dest.with_name("f.zip.part").write_bytes(data[:1234])
     with serve_folder(tmp_path / "srv") as url:
-        fetch(url + "f.zip", dest, len(data), hashlib.md5(data).hexdigest())
+        download(url + "f.zip", dest, len(data), ("md5", hashlib.md5(data).hexdigest()))
     assert dest.read_bytes() == data
     assert "does not support resuming" in capsys.readouterr().out
 
@@ -318,7 +326,7 @@ def test_md5_mismatch_removes_the_file(tmp_path, monkeypatch, div2k):
     (out / "train").mkdir(parents=True)
     (out / "manifest.csv").write_text("old\n")  # an earlier complete output
     with RangeServer(zips) as url, pytest.raises(DownloadError) as err:
-        build_raw_dataset(_div2k_params(url, tmp_path / "cache"), out_dir=out)
+        run_download(_div2k_params(url, tmp_path / "cache"), out)
     msg = str(err.value)
     assert "DIV2K_train_HR.zip" in msg and "md5 mismatch" in msg and "0" * 32 in msg and "removed" in msg
     assert list((tmp_path / "cache").iterdir()) == []  # neither the zip nor a .part
@@ -333,7 +341,7 @@ def test_size_mismatch_removes_the_file(tmp_path, monkeypatch, div2k):
         RangeServer(zips) as url,
         pytest.raises(DownloadError, match=rf"expected {size + 100} bytes, got {size}"),
     ):
-        build_raw_dataset(_div2k_params(url, tmp_path / "cache"), out_dir=tmp_path / "raw")
+        run_download(_div2k_params(url, tmp_path / "cache"), tmp_path / "raw")
     assert list((tmp_path / "cache").iterdir()) == [] and not (tmp_path / "raw").exists()
 
 
@@ -343,7 +351,7 @@ def test_truncated_zip(tmp_path, monkeypatch, div2k):
     zips["DIV2K_valid_HR.zip"] = zips["DIV2K_valid_HR.zip"][: len(zips["DIV2K_valid_HR.zip"]) // 2]
     _expect(monkeypatch, zips, valid=(None, hashlib.md5(zips["DIV2K_valid_HR.zip"]).hexdigest()))
     with RangeServer(zips) as url, pytest.raises(DownloadError) as err:
-        build_raw_dataset(_div2k_params(url, tmp_path / "cache"), out_dir=tmp_path / "raw")
+        run_download(_div2k_params(url, tmp_path / "cache"), tmp_path / "raw")
     assert "DIV2K_valid_HR.zip" in str(err.value) and "not a valid zip" in str(err.value)
     assert not (tmp_path / "cache" / "DIV2K_valid_HR.zip").exists()
     assert (tmp_path / "cache" / "DIV2K_train_HR.zip").exists()  # the good one stays cached
@@ -362,7 +370,7 @@ def test_corrupt_member_stops_without_output(tmp_path, monkeypatch, div2k):
         RangeServer(zips) as url,
         pytest.raises(DownloadError, match=r"member DIV2K_train_HR/000\d.png is corrupt"),
     ):
-        build_raw_dataset(_div2k_params(url, tmp_path / "cache", 3, 2), out_dir=tmp_path / "raw")
+        run_download(_div2k_params(url, tmp_path / "cache", 3, 2), tmp_path / "raw")
     assert not (tmp_path / "cache" / "DIV2K_train_HR.zip").exists() and not (tmp_path / "raw").exists()
 
 
@@ -374,8 +382,8 @@ def test_corrupt_cached_zip_is_fetched_again(tmp_path, monkeypatch, div2k, capsy
     (cache / "DIV2K_train_HR.zip").write_bytes(b"not the zip")
     server = RangeServer(zips)
     with server as url:
-        build_raw_dataset(_div2k_params(url, cache), out_dir=tmp_path / "raw")
-    assert "does not match the expected size/md5; removed" in capsys.readouterr().out
+        run_download(_div2k_params(url, cache), tmp_path / "raw")
+    assert "does not match the expected size/digest; removed" in capsys.readouterr().out
     assert server.requests == [("DIV2K_train_HR.zip", None), ("DIV2K_valid_HR.zip", None)]
     assert (cache / "DIV2K_train_HR.zip").read_bytes() == zips["DIV2K_train_HR.zip"]
 
@@ -384,7 +392,7 @@ def test_http_error_names_the_url(tmp_path, monkeypatch, div2k):
     zips = {k: v[0] for k, v in div2k.items()}
     _expect(monkeypatch, zips)
     with RangeServer({}) as url, pytest.raises(DownloadError, match=r"/DIV2K_train_HR.zip: HTTP 404"):
-        build_raw_dataset(_div2k_params(url, tmp_path / "cache"), out_dir=tmp_path / "raw")
+        run_download(_div2k_params(url, tmp_path / "cache"), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -394,7 +402,7 @@ def test_http_error_names_the_url(tmp_path, monkeypatch, div2k):
 @pytest.fixture(scope="module")
 def samples_raw(tmp_path_factory):
     out = tmp_path_factory.mktemp("samples") / "raw"
-    counts = build_raw_dataset(tiny_params(), out_dir=out, tracker=NullTracker())
+    counts = run_download(tiny_params(), out)
     return out, counts
 
 
@@ -414,7 +422,7 @@ def test_samples_source(samples_raw):
 def test_samples_split_is_deterministic(samples_raw, tmp_path):
     out, _ = samples_raw
     first = pd.read_csv(out / "manifest.csv")
-    build_raw_dataset(tiny_params(), out_dir=tmp_path / "again")
+    run_download(tiny_params(), tmp_path / "again")
     again = pd.read_csv(tmp_path / "again" / "manifest.csv")
     pd.testing.assert_frame_equal(first, again)  # same seed: same split, same bytes (sha256)
     # The seed decides the split (it is not a fixed list).
@@ -424,9 +432,7 @@ def test_samples_split_is_deterministic(samples_raw, tmp_path):
 
 def test_samples_valid_count_too_large(tmp_path):
     with pytest.raises(UserError, match="data.samples.valid_count"):
-        build_raw_dataset(
-            tiny_params(data={"samples": {"valid_count": len(SAMPLE_PHOTOS)}}), out_dir=tmp_path / "raw"
-        )
+        run_download(tiny_params(data={"samples": {"valid_count": len(SAMPLE_PHOTOS)}}), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -468,7 +474,7 @@ def test_folder_source_formats_and_bad_files(user_folders, tmp_path, capsys):
     train, valid, img, deep16 = user_folders
     params = tiny_params(data={"source": "folder", "folder": {"train": str(train), "valid": str(valid)}})
     out = tmp_path / "raw"
-    counts = build_raw_dataset(params, out_dir=out, tracker=NullTracker())
+    counts = run_download(params, out)
     printed = capsys.readouterr().out
     df = _check_raw(out).set_index("name")
     assert counts["train"] == 10 and counts["valid"] == 1
@@ -507,7 +513,7 @@ def test_folder_without_valid_holds_out_every_tenth(tmp_path):
     for i in range(12):
         Image.fromarray(_photo(16, 16, i)).save(folder / f"{i:02d}.png")
     params = tiny_params(data={"source": "folder", "folder": {"train": str(folder), "valid": ""}})
-    build_raw_dataset(params, out_dir=tmp_path / "raw")
+    run_download(params, tmp_path / "raw")
     df = _check_raw(tmp_path / "raw")
     assert df[df.split == "valid"].name.tolist() == ["00", "10"]
     assert len(df[df.split == "train"]) == 10
@@ -523,7 +529,7 @@ def test_folder_same_name_in_two_places(tmp_path):
     params = tiny_params(
         data={"source": "folder", "folder": {"train": str(folder), "valid": str(folder / "a")}}
     )
-    build_raw_dataset(params, out_dir=tmp_path / "raw")
+    run_download(params, tmp_path / "raw")
     df = _check_raw(tmp_path / "raw")
     assert sorted(df[df.split == "train"].name) == ["a__x", "v", "x", "x_2"]  # nothing overwritten
 
@@ -549,7 +555,7 @@ def test_folder_bad_input(tmp_path, case):
     (out / "manifest.csv").write_text("old\n")
     params = tiny_params(data={"source": "folder", "folder": {"train": str(train), "valid": str(valid)}})
     with pytest.raises(UserError) as err:
-        build_raw_dataset(params, out_dir=out)
+        run_download(params, out)
     msg = str(err.value)
     expected = {
         "empty": (f"'data.folder.train' = {train}", "no images found"),
@@ -605,14 +611,14 @@ def _repo_copy(dst: Path) -> Path:
 
 
 def test_stage_scripts_in_a_repo_copy(tmp_path):
-    """`python stages/download.py` and `stages/degrade.py` as dvc.yaml runs them; a bad key is one line, exit 1."""
+    """`python -m sharpkd.stages.download` and `.degrade` as dvc.yaml runs them; a bad key is one line, exit 1."""
     repo = _repo_copy(tmp_path / "repo")
     (repo / "params.yaml").write_text(yaml.safe_dump(deep_update(repo_params_dict(), TINY)))
     env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
 
     def run(stage):
         return subprocess.run(
-            [sys.executable, f"stages/{stage}.py"],
+            [sys.executable, "-m", f"sharpkd.stages.{stage}"],
             cwd=repo,
             env=env,
             capture_output=True,

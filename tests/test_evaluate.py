@@ -14,14 +14,17 @@ import torch
 from helpers import (
     SHARED,
     NullTracker,
+    degradation_params,
     lpips_from_empty_server,
     make_teacher_cache,
+    run_teacher,
+    stage_paths,
     tiny_params,
 )
-from sharpkd.config import DegradationParams
 from sharpkd.errors import UserError
-from sharpkd.evaluate import METHODS, SetResult, evaluate, extra_set_images, score_set
 from sharpkd.images import save_image
+from sharpkd.stages import evaluate
+from sharpkd.stages.evaluate import METHODS, SetResult, extra_set_images, score_set
 
 torch.set_num_threads(1)
 
@@ -45,20 +48,12 @@ class RecordingTracker(NullTracker):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Real degrade + tiny trained teacher + teacher cache + tiny distilled student, built once."""
-    from sharpkd.distill import distill
+    from sharpkd.stages import distill
 
     root = tmp_path_factory.mktemp("evalpipe")
     params = tiny_params()
     make_teacher_cache(root, params)
-    distill(
-        params,
-        NullTracker(),
-        pairs_dir=root / "data/pairs",
-        teacher_dir=root / "data/teacher",
-        out_dir=root / "models/student",
-        checkpoint_dir=root / "models/ckpt",
-        metrics_dir=root / "train_metrics",
-    )
+    distill.run(params, stage_paths(root, metrics=root / "train_metrics"), NullTracker())
     return root
 
 
@@ -73,15 +68,7 @@ def offline_lpips(tmp_path, monkeypatch):
 
 def _run(root: Path, out: Path, tracker=None, **overrides):
     params = tiny_params(**overrides)
-    return evaluate(
-        params,
-        tracker or NullTracker(),
-        pairs_dir=root / "data/pairs",
-        teacher_cache_dir=root / "data/teacher",
-        teacher_dir=root / "models/teacher",
-        student_path=root / "models/student/student.pth",
-        metrics_dir=out,
-    )
+    return evaluate.run(params, stage_paths(root, metrics=out), tracker or NullTracker())
 
 
 def _extra_sets(root: Path, tmp_path: Path) -> dict[str, str]:
@@ -199,24 +186,16 @@ def test_bad_set_name_is_refused_before_any_output(pipeline, tmp_path):
 
 def test_missing_upstream_outputs_are_clear(pipeline, tmp_path):
     with pytest.raises(UserError, match="cache.json"):
-        evaluate(
+        evaluate.run(
             tiny_params(eval={"lpips": False}),
+            stage_paths(pipeline, teacher_cache=tmp_path / "nothing", metrics=tmp_path / "m"),
             NullTracker(),
-            pairs_dir=pipeline / "data/pairs",
-            teacher_cache_dir=tmp_path / "nothing",
-            teacher_dir=pipeline / "models/teacher",
-            student_path=pipeline / "models/student/student.pth",
-            metrics_dir=tmp_path / "m",
         )
     with pytest.raises(UserError, match="student weights not found"):
-        evaluate(
+        evaluate.run(
             tiny_params(eval={"lpips": False}),
+            stage_paths(pipeline, student=tmp_path / "none", metrics=tmp_path / "m"),
             NullTracker(),
-            pairs_dir=pipeline / "data/pairs",
-            teacher_cache_dir=pipeline / "data/teacher",
-            teacher_dir=pipeline / "models/teacher",
-            student_path=tmp_path / "none.pth",
-            metrics_dir=tmp_path / "m",
         )
     assert not (tmp_path / "m").exists()
 
@@ -225,7 +204,7 @@ def test_extra_sets_are_degraded_deterministically(tmp_path):
     rng = np.random.default_rng(0)
     for name in ("x", "y"):
         save_image(tmp_path / "set" / f"{name}.png", rng.integers(0, 255, (40, 44, 3), dtype=np.uint8))
-    deg = DegradationParams(jpeg_prob=1.0, jpeg_quality=(10, 95))
+    deg = degradation_params(jpeg_prob=1.0, jpeg_quality=(10, 95))
 
     def run(set_name="S", seed=0):
         return list(extra_set_images(set_name, tmp_path / "set", 4, deg, seed, 19, []))
@@ -243,13 +222,12 @@ def test_extra_sets_are_degraded_deterministically(tmp_path):
 
 
 def _set5_reproduction(tmp_path: Path, **overrides):
-    from sharpkd.build_teacher import build_teacher
-    from sharpkd.evaluation import run_tiled
+    from sharpkd.inference import run_tiled
     from sharpkd.metrics import QualityMetrics, min_side
     from sharpkd.models.teacher import load_teacher
 
     params = tiny_params(data={"scale": 4}, degradation={"jpeg_prob": 0.0}, **overrides)
-    build_teacher(params, NullTracker(), pairs_dir=tmp_path / "no-pairs", out_dir=tmp_path / "teacher")
+    run_teacher(params, tmp_path / "no-pairs", tmp_path / "teacher")
     teacher, _ = load_teacher(tmp_path / "teacher", "cpu")
     res = SetResult("Set5")
     images = extra_set_images("Set5", SET5_HR, 4, params.degradation, params.seed, min_side(4), res.problems)

@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sharpkd.config import params_from_dict
+from helpers import NullTracker, tiny_params
 from sharpkd.errors import UserError
-from sharpkd.export import export_onnx, export_student
+from sharpkd.export import export_onnx
 from sharpkd.models.student import Student, save_student
+from sharpkd.stages import StagePaths
+from sharpkd.stages import export as export_stage
 
 
 def trained_tiny_student(scale: int = 2) -> Student:
@@ -71,19 +73,9 @@ def workspace(tmp_path):
 
 
 def _export(ws, **export_params):
-    params = params_from_dict({"data": {"scale": 2}, "export": {"speed_repeats": 1, **export_params}})
+    params = tiny_params(data={"scale": 2}, export={"speed_repeats": 1, **export_params})
     tracker = RecordingTracker()
-    metrics = export_student(
-        params,
-        tracker,
-        student_path=ws / "models/student/student.pth",
-        out_dir=ws / "models/export",
-        metrics_path=ws / "metrics/export.json",
-        valid_dir=ws / "data/pairs/valid/input",
-        eval_path=ws / "metrics/eval.json",
-        teacher_dir=ws / "models/teacher",
-        manifest=ws / "data/raw/manifest.csv",
-    )
+    metrics = export_stage.run(params, StagePaths.under(ws), tracker)
     return metrics, tracker
 
 
@@ -149,10 +141,8 @@ def test_exported_onnx_and_torchscript_take_any_size(workspace):
 
 
 def test_parity_failure_writes_nothing(workspace, monkeypatch):
-    import sharpkd.export as export
-
     monkeypatch.setattr(
-        export,
+        export_stage,
         "check_parity",
         lambda *a, **k: {"parity.onnx_fp32.max_abs": 0.5, "parity.torchscript.max_abs": 0.0},
     )
@@ -164,9 +154,7 @@ def test_parity_failure_writes_nothing(workspace, monkeypatch):
 
 def test_missing_student_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="student.pth.*dvc repro distill"):
-        export_student(
-            params_from_dict({}), None, student_path=tmp_path / "student.pth", out_dir=tmp_path / "out"
-        )
+        export_stage.run(tiny_params(), StagePaths.under(tmp_path), NullTracker())
 
 
 def test_fp16_onnx_runs_close_to_fp32(tmp_path):

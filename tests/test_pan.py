@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHARED, NullTracker, make_pairs, serve_folder, tiny_params
-from sharpkd import weights
-from sharpkd.build_teacher import build_teacher
+from helpers import SHARED, make_pairs, run_cache_teacher, run_teacher, serve_folder, tiny_params
+from sharpkd import fetch
 from sharpkd.errors import UserError
+from sharpkd.fetch import file_digest
+from sharpkd.models import count_params
 from sharpkd.models.pan import DEFAULT_FEATURE_LAYERS, PAN
-from sharpkd.models.teacher import count_params, load_teacher, sha256_of
-from sharpkd.teacher_cache import cache_teacher
+from sharpkd.models.teacher import load_teacher
 
 torch.set_num_threads(1)
 
@@ -44,7 +44,7 @@ def test_official_files_load_strictly(scale):
     path = official(scale)
     if not path.is_file():
         pytest.skip(f"{path} absent (official PAN weights not on this machine)")
-    assert sha256_of(path) == weights.PRETRAINED[f"pan_x{scale}"]["sha256"]
+    assert file_digest(path) == fetch.PRETRAINED[f"pan_x{scale}"]["sha256"]
     model = PAN(scale=scale)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     assert count_params(model) == (272_419 if scale == 4 else 261_403)
@@ -61,18 +61,16 @@ def test_unsupported_scale_refused():
 @needs(official(2))
 def test_build_teacher_pan_then_cache(pairs, tmp_path):
     params = tiny_params(teacher={"source": "pan"}, weights={"dir": str(WEIGHTS)})
-    info = build_teacher(params, NullTracker(), pairs_dir=pairs, out_dir=tmp_path / "teacher")
+    info = run_teacher(params, pairs, tmp_path / "teacher")
     assert info["architecture"] == "PAN" and info["loader"] == "pan" and info["scale"] == 2
     assert info["params"] == 261_403 and info["feature_layers"] == list(DEFAULT_FEATURE_LAYERS)
-    assert info["sha256"] == weights.PRETRAINED["pan_x2"]["sha256"]
+    assert info["sha256"] == fetch.PRETRAINED["pan_x2"]["sha256"]
 
     model, saved = load_teacher(tmp_path / "teacher")
     assert saved == json.loads((tmp_path / "teacher" / "teacher.json").read_text())
     assert model(torch.rand(1, 3, 10, 12)).shape == (1, 3, 20, 24)
 
-    summary = cache_teacher(
-        params, NullTracker(), pairs_dir=pairs, teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "cache"
-    )
+    summary = run_cache_teacher(params, pairs, tmp_path / "teacher", tmp_path / "cache")
     lr = np.load(pairs / "train_lr.npy", mmap_mode="r")
     out = np.load(tmp_path / "cache" / "train_out.npy", mmap_mode="r")
     feat = np.load(tmp_path / "cache" / "train_feat.npy", mmap_mode="r")
@@ -99,14 +97,14 @@ def test_pan_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     wdir = tmp_path / "weights"
     params = tiny_params(teacher={"source": "pan"}, weights={"dir": str(wdir)})
-    key, spec = "pan_x2", weights.PRETRAINED["pan_x2"]
+    key, spec = "pan_x2", fetch.PRETRAINED["pan_x2"]
 
     def build(out):
-        return build_teacher(params, NullTracker(), pairs_dir=pairs, out_dir=tmp_path / out)
+        return run_teacher(params, pairs, tmp_path / out)
 
     with serve_folder(served) as base:
         # The pinned sha256 does not match what the server sends: refused, nothing kept.
-        monkeypatch.setitem(weights.PRETRAINED, key, {**spec, "url": base + good.name})
+        monkeypatch.setitem(fetch.PRETRAINED, key, {**spec, "url": base + good.name})
         with pytest.raises(UserError, match="sha256 mismatch"):
             build("t1")
         assert not (wdir / spec["filename"]).exists() and not (tmp_path / "t1").exists()
@@ -114,7 +112,7 @@ def test_pan_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
 
         # A file that verifies but is not a PAN state dict: a clear error naming it.
         monkeypatch.setitem(
-            weights.PRETRAINED, key, {**spec, "url": base + wrong.name, "sha256": sha256_of(wrong)}
+            fetch.PRETRAINED, key, {**spec, "url": base + wrong.name, "sha256": file_digest(wrong)}
         )
         with pytest.raises(UserError, match="not a PAN x2 state dict"):
             build("t2")
@@ -122,24 +120,24 @@ def test_pan_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
         (wdir / spec["filename"]).unlink()
 
         monkeypatch.setitem(
-            weights.PRETRAINED, key, {**spec, "url": base + good.name, "sha256": sha256_of(good)}
+            fetch.PRETRAINED, key, {**spec, "url": base + good.name, "sha256": file_digest(good)}
         )
         info = build("t3")
     assert info["architecture"] == "PAN" and info["source"] == "pan" and info["origin"] == base + good.name
-    assert sha256_of(wdir / spec["filename"]) == sha256_of(good) == info["sha256"]
+    assert file_digest(wdir / spec["filename"]) == file_digest(good) == info["sha256"]
 
     # A file already in weights.dir that does not match the pin is refused, not used or replaced.
-    monkeypatch.setitem(weights.PRETRAINED, key, {**spec, "url": base + good.name, "sha256": "0" * 64})
+    monkeypatch.setitem(fetch.PRETRAINED, key, {**spec, "url": base + good.name, "sha256": "0" * 64})
     with pytest.raises(UserError, match=f"{spec['filename']}: sha256 mismatch"):
         build("t4")
-    assert sha256_of(wdir / spec["filename"]) == sha256_of(good)
+    assert file_digest(wdir / spec["filename"]) == file_digest(good)
 
 
 def set5_x4(lr_source: str) -> tuple[float, float]:
     """Mean Set5 x4 PSNR/SSIM of the official PAN x4, on LR from our degradation or MATLAB's files."""
-    from sharpkd.data.degrade import crop_to_multiple, degrade_image
+    from sharpkd.data.degradation import crop_to_multiple, degrade_image
     from sharpkd.images import list_images, read_rgb
-    from sharpkd.infer import tiled_apply, to_image, to_tensor
+    from sharpkd.inference import tiled_apply, to_image, to_tensor
     from sharpkd.metrics import QualityMetrics
 
     model = PAN(scale=4)

@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 
 from sharpkd.cli import app
 from sharpkd.export import export_onnx, export_torchscript
-from sharpkd.images import load_image
-from sharpkd.infer import to_image, to_tensor
+from sharpkd.images import load_image, to_image, to_tensor
 from sharpkd.models.student import Student, save_student
 
 runner = CliRunner()

@@ -9,14 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import SHARED, NullTracker, make_pairs, serve_folder, tiny_params
-from sharpkd.build_teacher import build_teacher
+from helpers import SHARED, make_pairs, run_cache_teacher, run_teacher, serve_folder, tiny_params
 from sharpkd.errors import UserError
-from sharpkd.infer import tiled_apply
+from sharpkd.fetch import file_digest
+from sharpkd.inference import tiled_apply
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.student import Student
-from sharpkd.models.teacher import load_teacher, sha256_of
-from sharpkd.teacher_cache import cache_teacher
+from sharpkd.models.teacher import load_teacher
 
 torch.set_num_threads(1)
 
@@ -50,24 +49,18 @@ def test_checkpoint_source_loads_spandrel_swinir(pairs, tmp_path):
     ckpt = tmp_path / "swinir_small_x2.pth"
     torch.save({"params": small_swinir(2).state_dict()}, ckpt)
     params = tiny_params(teacher={"source": "checkpoint", "checkpoint": str(ckpt), "feature_channels": 0})
-    info = build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
+    info = run_teacher(params, pairs / "data/pairs", tmp_path / "teacher")
     assert (
         info["architecture"] == "SwinIR"
         and info["scale"] == 2
         and info["feature_layers"] == ["conv_after_body"]
     )
-    assert info["sha256"] == sha256_of(ckpt)
+    assert info["sha256"] == file_digest(ckpt)
     model, _ = load_teacher(tmp_path / "teacher")
     assert model(torch.rand(1, 3, 11, 13)).shape == (1, 3, 22, 26)
 
     # And the cache works with its features (12 channels on the LR grid).
-    out = cache_teacher(
-        params,
-        NullTracker(),
-        pairs_dir=pairs / "data/pairs",
-        teacher_dir=tmp_path / "teacher",
-        out_dir=tmp_path / "cache",
-    )
+    out = run_cache_teacher(params, pairs / "data/pairs", tmp_path / "teacher", tmp_path / "cache")
     assert out["feature_channels"] == 12
 
 
@@ -76,12 +69,12 @@ def test_checkpoint_scale_mismatch_refused(pairs, tmp_path):
     torch.save({"params": small_swinir(3).state_dict()}, ckpt)
     params = tiny_params(teacher={"source": "checkpoint", "checkpoint": str(ckpt)})
     with pytest.raises(UserError, match="x3 model but data.scale is 2"):
-        build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
+        run_teacher(params, pairs / "data/pairs", tmp_path / "teacher")
     assert not (tmp_path / "teacher").exists()
 
 
 def test_swinir_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
-    from sharpkd import weights
+    from sharpkd import fetch
 
     served = tmp_path / "served"
     served.mkdir()
@@ -92,20 +85,20 @@ def test_swinir_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
     key = "swinir_x2"
     with serve_folder(served) as base:
         monkeypatch.setitem(
-            weights.PRETRAINED, key, {**weights.PRETRAINED[key], "url": base + ckpt.name, "sha256": "0" * 64}
+            fetch.PRETRAINED, key, {**fetch.PRETRAINED[key], "url": base + ckpt.name, "sha256": "0" * 64}
         )
         with pytest.raises(UserError, match="sha256"):
-            build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "t1")
-        assert not (wdir / weights.PRETRAINED[key]["filename"]).exists()
+            run_teacher(params, pairs / "data/pairs", tmp_path / "t1")
+        assert not (wdir / fetch.PRETRAINED[key]["filename"]).exists()
 
         monkeypatch.setitem(
-            weights.PRETRAINED,
+            fetch.PRETRAINED,
             key,
-            {**weights.PRETRAINED[key], "url": base + ckpt.name, "sha256": sha256_of(ckpt)},
+            {**fetch.PRETRAINED[key], "url": base + ckpt.name, "sha256": file_digest(ckpt)},
         )
-        info = build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "t2")
+        info = run_teacher(params, pairs / "data/pairs", tmp_path / "t2")
     assert info["architecture"] == "SwinIR" and info["source"] == "swinir"
-    assert (wdir / weights.PRETRAINED[key]["filename"]).is_file()
+    assert (wdir / fetch.PRETRAINED[key]["filename"]).is_file()
 
 
 def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
@@ -114,16 +107,10 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
 
     # 500 steps: at x2 bicubic is already strong, a shorter run does not reliably beat it.
     params = tiny_params(teacher={"train": {"steps": 500, "channels": 16, "blocks": 2, "lr": 0.003}})
-    info = build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
+    info = run_teacher(params, pairs / "data/pairs", tmp_path / "teacher")
     assert info["architecture"] == "EDSR-sharpkd" and info["train"]["steps"] == 500
 
-    summary = cache_teacher(
-        params,
-        NullTracker(),
-        pairs_dir=pairs / "data/pairs",
-        teacher_dir=tmp_path / "teacher",
-        out_dir=tmp_path / "cache",
-    )
+    summary = run_cache_teacher(params, pairs / "data/pairs", tmp_path / "teacher", tmp_path / "cache")
     cache = tmp_path / "cache"
     manifest = pd.read_csv(pairs / "data/pairs/train_manifest.csv")
     hr = np.load(pairs / "data/pairs/train_hr.npy", mmap_mode="r")
@@ -156,15 +143,9 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
 
 def test_cache_size_limit_refused(pairs, tmp_path):
     params = tiny_params(cache={"max_gb": 0.0000001})
-    build_teacher(params, NullTracker(), pairs_dir=pairs / "data/pairs", out_dir=tmp_path / "teacher")
+    run_teacher(params, pairs / "data/pairs", tmp_path / "teacher")
     with pytest.raises(UserError, match="cache.max_gb"):
-        cache_teacher(
-            params,
-            NullTracker(),
-            pairs_dir=pairs / "data/pairs",
-            teacher_dir=tmp_path / "teacher",
-            out_dir=tmp_path / "cache",
-        )
+        run_cache_teacher(params, pairs / "data/pairs", tmp_path / "teacher", tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 
 
@@ -194,7 +175,7 @@ SWINIR_X4 = SHARED / "weights" / "001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth"
     not SWINIR_X4.is_file(), reason=f"{SWINIR_X4} absent (SwinIR-M weights are not available on this machine)"
 )
 def test_real_swinir_m_on_set5():
-    from sharpkd.data.degrade import degrade_image
+    from sharpkd.data.degradation import degrade_image
     from sharpkd.images import read_rgb
     from sharpkd.metrics import QualityMetrics
     from sharpkd.models.teacher import load_spandrel

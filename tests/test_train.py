@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, NullTracker, make_teacher_cache, tiny_params
-from sharpkd.config import LossParams
+from helpers import NullTracker, loss_params, make_teacher_cache, stage_paths, tiny_params
 from sharpkd.errors import UserError
 from sharpkd.losses import VGG19_FILE, DistillObjective
-from sharpkd.models.student import Student, conv_macs, count_params
+from sharpkd.models import count_params
+from sharpkd.models.student import Student, conv_macs
 from sharpkd.train import FitConfig, NonFiniteLossError, fit
 
 torch.set_num_threads(1)
@@ -67,7 +67,7 @@ def test_each_loss_term_reaches_the_student(term, tmp_path):
     torch.nn.init.normal_(student.tail.weight, std=0.1)  # a zero tail would block gradients upstream
     obj = DistillObjective(
         student,
-        LossParams(**weights),
+        loss_params(**weights),
         teacher_feat_channels=4,
         weights_dir=_vgg_dir(tmp_path) if term == "perceptual" else None,
     )
@@ -87,7 +87,7 @@ def test_zero_weight_terms_load_nothing(monkeypatch):
 
     monkeypatch.setattr(torchvision.models, "vgg19", boom)
     obj = DistillObjective(
-        Student(scale=2, channels=8, blocks=1), LossParams(pixel=1, kd=0, perceptual=0, feature=0)
+        Student(scale=2, channels=8, blocks=1), loss_params(pixel=1, kd=0, perceptual=0, feature=0)
     )
     assert obj.vgg is None and obj.projector is None
     assert obj.needed_keys() == ("input", "hr")
@@ -97,7 +97,7 @@ def test_missing_vgg_weights_message(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError) as err:
         DistillObjective(
-            Student(scale=2, channels=8, blocks=1), LossParams(perceptual=0.1), weights_dir=tmp_path / "w"
+            Student(scale=2, channels=8, blocks=1), loss_params(perceptual=0.1), weights_dir=tmp_path / "w"
         )
     msg = str(err.value)
     assert VGG19_FILE in msg and str(tmp_path / "w") in msg and "download.pytorch.org" in msg
@@ -105,7 +105,7 @@ def test_missing_vgg_weights_message(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops(tmp_path):
     student = Student(scale=2, channels=8, blocks=1)
-    obj = DistillObjective(student, LossParams(pixel=1, kd=0))
+    obj = DistillObjective(student, loss_params(pixel=1, kd=0))
 
     def batch_fn(step):
         b = _batch()
@@ -127,19 +127,13 @@ def pipeline(tmp_path_factory):
     return make_teacher_cache(tmp_path_factory.mktemp("pipe"), tiny_params())
 
 
-def _distill(root, params, tag, **kw):
-    from sharpkd.distill import distill
+def _distill(root, params, tag):
+    from sharpkd.stages import distill
 
-    return distill(
-        params,
-        NullTracker(),
-        pairs_dir=root / "data/pairs",
-        teacher_dir=root / "data/teacher",
-        out_dir=root / tag / "student",
-        checkpoint_dir=root / tag / "ckpt",
-        metrics_dir=root / tag / "metrics",
-        **kw,
+    paths = stage_paths(
+        root, student=root / tag / "student", checkpoints=root / tag / "ckpt", metrics=root / tag / "metrics"
     )
+    return distill.run(params, paths, NullTracker())
 
 
 def test_distill_writes_outputs(pipeline):
@@ -187,7 +181,7 @@ def test_resume_equals_uninterrupted(pipeline, monkeypatch):
 
 
 def test_two_process_gloo(pipeline, tmp_path):
-    """`torchrun --nproc_per_node=2 stages/distill.py` trains with DDP on CPU; rank 0 writes."""
+    """`torchrun --nproc_per_node=2 -m sharpkd.stages.distill` trains with DDP on CPU; rank 0 writes."""
     work = tmp_path / "ddp"
     (work / "data").mkdir(parents=True)
     for sub in ("pairs", "teacher"):
@@ -205,7 +199,8 @@ def test_two_process_gloo(pipeline, tmp_path):
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(REPO / "stages/distill.py"),
+            "-m",
+            "sharpkd.stages.distill",
         ],
         cwd=work,
         env=env,

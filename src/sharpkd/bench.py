@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import platform
 import re
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sharpkd.errors import UserError
+from sharpkd.timing import cpu_name, time_ms
 
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160), "2160p": (3840, 2160)}
 DEFAULT_SIZES = "720p,1080p,4k"
@@ -46,27 +44,6 @@ def parse_sizes(text: str) -> list[tuple[str, int, int]]:
     if not out:
         raise UserError("--sizes: no size given")
     return out
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in ms after `warmup` untimed calls (fn must end on the host, so no sync is needed)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0
 
 
 @dataclass
@@ -115,7 +92,7 @@ def _onnx_target(path: Path, device: str, threads: int) -> Target:
 
 
 def _teacher_target(device: str, tile: int, overlap: int) -> Target:
-    from sharpkd.infer import tiled_apply
+    from sharpkd.inference import tiled_apply
 
     try:
         from sharpkd.models.teacher import load_teacher
@@ -285,9 +262,11 @@ def student_training_speed(
     from sharpkd.models.student import Student
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    objective = DistillObjective(Student(scale=scale, channels=channels, blocks=blocks), LossParams()).to(
-        device
+    # What the default profile trains: pixel + KD, no perceptual or feature loss.
+    loss = LossParams(
+        pixel=1.0, kd=1.0, perceptual=0.0, perceptual_target="teacher", perceptual_layers=(), feature=0.0
     )
+    objective = DistillObjective(Student(scale=scale, channels=channels, blocks=blocks), loss).to(device)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     batch = {

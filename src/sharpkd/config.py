@@ -1,15 +1,17 @@
 """params.yaml -> typed, validated config.
 
 Every group of params.yaml is a dataclass below. Loading checks each key against
-the dataclass: an unknown key, a wrong type or an out-of-range value raises
+the dataclass: an unknown key, a missing key, a wrong type or an out-of-range value raises
 ConfigError naming the dotted key and what is allowed, so `dvc exp run -S
-loss.perceptul=0.1` fails at once instead of silently doing nothing.
+loss.perceptul=0.1` fails at once instead of silently doing nothing. The dataclasses hold
+no default values: params.yaml is the one source of values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,154 +32,158 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict:
 
 @dataclass(frozen=True)
 class Div2kParams:
-    base_url: str = "http://data.vision.ee.ethz.ch/cvl/DIV2K/"
-    train_count: int = field(default=800, metadata=_range(1, 800))
-    valid_count: int = field(default=100, metadata=_range(1, 100))
-    cache_dir: str = "data/downloads"
+    base_url: str
+    train_count: int = field(metadata=_range(1, 800))
+    valid_count: int = field(metadata=_range(1, 100))
+    cache_dir: str
 
 
 @dataclass(frozen=True)
 class FolderParams:
-    train: str = ""
-    valid: str = ""
+    train: str
+    valid: str
 
 
 @dataclass(frozen=True)
 class SamplesParams:
-    valid_count: int = field(default=2, metadata=_range(1, 8))
+    valid_count: int = field(metadata=_range(1, 6))  # of the 7 bundled photos; at least one trains
 
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["samples", "folder", "div2k"] = "samples"
-    scale: Literal[2, 3, 4] = 4
-    patch_size: int = field(default=96, metadata=_range(8, 1024))
-    patches_per_image: int = field(default=48, metadata=_range(1, 100000))
-    valid_max_side: int = field(default=0, metadata=_range(0, None))
-    div2k: Div2kParams = field(default_factory=Div2kParams)
-    folder: FolderParams = field(default_factory=FolderParams)
-    samples: SamplesParams = field(default_factory=SamplesParams)
+    source: Literal["samples", "folder", "div2k"]
+    scale: Literal[2, 3, 4]
+    patch_size: int = field(metadata=_range(8, 1024))
+    patches_per_image: int = field(metadata=_range(1, 100000))
+    valid_max_side: int = field(metadata=_range(0, None))
+    div2k: Div2kParams
+    folder: FolderParams
+    samples: SamplesParams
 
 
 @dataclass(frozen=True)
 class DegradationParams:
-    downscale: Literal["bicubic", "bilinear"] = "bicubic"
-    upscale: Literal["bicubic", "bilinear"] = "bicubic"
-    jpeg_prob: float = field(default=0.5, metadata=_range(0, 1))
-    jpeg_quality: tuple[int, int] = (70, 95)
-    blur_prob: float = field(default=0.0, metadata=_range(0, 1))
-    blur_sigma: tuple[float, float] = (0.2, 1.0)
-    noise_prob: float = field(default=0.0, metadata=_range(0, 1))
-    noise_sigma: tuple[float, float] = (1.0, 5.0)
+    downscale: Literal["bicubic", "bilinear"]
+    upscale: Literal["bicubic", "bilinear"]
+    jpeg_prob: float = field(metadata=_range(0, 1))
+    jpeg_quality: tuple[int, int]
+    blur_prob: float = field(metadata=_range(0, 1))
+    blur_sigma: tuple[float, float]
+    noise_prob: float = field(metadata=_range(0, 1))
+    noise_sigma: tuple[float, float]
 
 
 @dataclass(frozen=True)
 class TeacherTrainParams:
-    channels: int = field(default=32, metadata=_range(4, 512))
-    blocks: int = field(default=4, metadata=_range(1, 64))
-    steps: int = field(default=600, metadata=_range(1, None))
-    batch_size: int = field(default=16, metadata=_range(1, 4096))
-    lr: float = field(default=1e-3, metadata=_range(1e-8, 1))
+    channels: int = field(metadata=_range(4, 512))
+    blocks: int = field(metadata=_range(1, 64))
+    steps: int = field(metadata=_range(1, None))
+    batch_size: int = field(metadata=_range(1, 4096))
+    lr: float = field(metadata=_range(1e-8, 1))
 
 
 @dataclass(frozen=True)
 class TeacherParams:
-    source: Literal["swinir", "checkpoint", "pan", "train"] = "train"
-    checkpoint: str = ""
-    feature_layers: tuple[str, ...] = ()
-    feature_channels: int = field(default=16, metadata=_range(0, 4096))
-    train: TeacherTrainParams = field(default_factory=TeacherTrainParams)
+    source: Literal["swinir", "checkpoint", "pan", "train"]
+    checkpoint: str
+    feature_layers: tuple[str, ...]
+    feature_channels: int = field(metadata=_range(0, 4096))
+    train: TeacherTrainParams
 
 
 @dataclass(frozen=True)
 class CacheParams:
-    batch_size: int = field(default=16, metadata=_range(1, 4096))
-    max_gb: float = field(default=8.0, metadata=_range(0, None))
+    batch_size: int = field(metadata=_range(1, 4096))
+    max_gb: float = field(metadata=_range(0, None))
 
 
 @dataclass(frozen=True)
 class InferParams:
-    tile: int = field(default=256, metadata=_range(16, 8192))
-    overlap: int = field(default=16, metadata=_range(0, 1024))
+    tile: int = field(metadata=_range(16, 8192))
+    overlap: int = field(metadata=_range(0, 1024))
 
 
 @dataclass(frozen=True)
 class LossParams:
-    pixel: float = field(default=1.0, metadata=_range(0, None))
-    kd: float = field(default=1.0, metadata=_range(0, None))
-    perceptual: float = field(default=0.0, metadata=_range(0, None))
-    perceptual_target: Literal["teacher", "hr"] = "teacher"
-    perceptual_layers: tuple[str, ...] = ("relu2_2", "relu3_4")
-    feature: float = field(default=0.0, metadata=_range(0, None))
+    pixel: float = field(metadata=_range(0, None))
+    kd: float = field(metadata=_range(0, None))
+    perceptual: float = field(metadata=_range(0, None))
+    perceptual_target: Literal["teacher", "hr"]
+    perceptual_layers: tuple[str, ...]
+    feature: float = field(metadata=_range(0, None))
 
 
 @dataclass(frozen=True)
 class StudentParams:
-    channels: int = field(default=32, metadata=_range(4, 512))
-    blocks: int = field(default=4, metadata=_range(1, 64))
-    activation: Literal["relu", "prelu", "silu", "gelu"] = "relu"
+    channels: int = field(metadata=_range(4, 512))
+    blocks: int = field(metadata=_range(1, 64))
+    activation: Literal["relu", "prelu", "silu", "gelu"]
 
 
 @dataclass(frozen=True)
 class DistillParams:
-    steps: int = field(default=600, metadata=_range(1, None))
-    batch_size: int = field(default=16, metadata=_range(1, 4096))
-    lr: float = field(default=2e-3, metadata=_range(1e-8, 1))
-    weight_decay: float = field(default=0.0, metadata=_range(0, 1))
-    warmup_steps: int = field(default=30, metadata=_range(0, None))
-    grad_clip: float = field(default=1.0, metadata=_range(0, None))
-    eval_every: int = field(default=150, metadata=_range(1, None))
-    checkpoint_every: int = field(default=150, metadata=_range(1, None))
-    amp: bool = True
-    threads: int = field(default=0, metadata=_range(0, 1024))
+    steps: int = field(metadata=_range(1, None))
+    batch_size: int = field(metadata=_range(1, 4096))
+    lr: float = field(metadata=_range(1e-8, 1))
+    weight_decay: float = field(metadata=_range(0, 1))
+    warmup_steps: int = field(metadata=_range(0, None))
+    grad_clip: float = field(metadata=_range(0, None))
+    eval_every: int = field(metadata=_range(1, None))
+    checkpoint_every: int = field(metadata=_range(1, None))
+    amp: bool
+    threads: int = field(metadata=_range(0, 1024))
 
 
 @dataclass(frozen=True)
 class EvalParams:
-    sets: dict[str, str] = field(default_factory=dict)
-    lpips: bool = True
-    speed_repeats: int = field(default=5, metadata=_range(1, 1000))
-    teacher_speed_repeats: int = field(default=1, metadata=_range(0, 1000))
-    compare_images: int = field(default=3, metadata=_range(0, 100))
-    crop: int = field(default=128, metadata=_range(16, 4096))
+    sets: dict[str, str]
+    lpips: bool
+    speed_repeats: int = field(metadata=_range(1, 1000))
+    teacher_speed_repeats: int = field(metadata=_range(0, 1000))
+    compare_images: int = field(metadata=_range(0, 100))
+    crop: int = field(metadata=_range(16, 4096))
 
 
 @dataclass(frozen=True)
 class ExportParams:
-    opset: int = field(default=17, metadata=_range(17, 30))
-    fp16: bool = True
-    parity_tol: float = field(default=1e-4, metadata=_range(0, 1))
-    speed_repeats: int = field(default=5, metadata=_range(1, 1000))
+    opset: int = field(metadata=_range(17, 30))
+    fp16: bool
+    parity_tol: float = field(metadata=_range(0, 1))
+    speed_repeats: int = field(metadata=_range(1, 1000))
 
 
 @dataclass(frozen=True)
 class WeightsParams:
-    dir: str = ""
+    dir: str
 
 
 @dataclass(frozen=True)
 class TrackingParams:
-    enabled: bool = True
-    uri: str = ""
-    experiment: str = "sharpkd"
-    registered_model: str = "sharpkd-student"
+    enabled: bool
+    uri: str
+    experiment: str
+    registered_model: str
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
-    data: DataParams = field(default_factory=DataParams)
-    degradation: DegradationParams = field(default_factory=DegradationParams)
-    teacher: TeacherParams = field(default_factory=TeacherParams)
-    cache: CacheParams = field(default_factory=CacheParams)
-    infer: InferParams = field(default_factory=InferParams)
-    loss: LossParams = field(default_factory=LossParams)
-    student: StudentParams = field(default_factory=StudentParams)
-    distill: DistillParams = field(default_factory=DistillParams)
-    eval: EvalParams = field(default_factory=EvalParams)
-    export: ExportParams = field(default_factory=ExportParams)
-    weights: WeightsParams = field(default_factory=WeightsParams)
-    tracking: TrackingParams = field(default_factory=TrackingParams)
+    seed: int = field(metadata=_range(0, 2**32 - 1))
+    data: DataParams
+    degradation: DegradationParams
+    teacher: TeacherParams
+    cache: CacheParams
+    infer: InferParams
+    loss: LossParams
+    student: StudentParams
+    distill: DistillParams
+    eval: EvalParams
+    export: ExportParams
+    weights: WeightsParams
+    tracking: TrackingParams
+
+
+# The groups that decide what the pipeline computes (tracking only records it).
+PIPELINE_GROUPS = tuple(f.name for f in dataclasses.fields(Params) if f.name != "tracking")
 
 
 def _type_name(tp: Any) -> str:
@@ -247,8 +253,6 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix or "params.yaml"
-    if raw is None:
-        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params: '{where}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -257,6 +261,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
         raise ConfigError(f"params: unknown key '{key}'; allowed keys here: {', '.join(fields)}")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(
+            f"params: key '{key}' is missing; params.yaml must give every key (it is the one source of values)"
+        )
     values = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -274,7 +284,29 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+# eval.sets names become the first part of flat metric keys (`Set5.student.psnr`): no dots, and no
+# collision with the other top-level keys of metrics/eval.json.
+SET_NAME = re.compile(r"[A-Za-z0-9_-]+")
+RESERVED_SET_NAMES = {
+    "valid",
+    "student",
+    "teacher",
+    "bicubic",
+    "timing",
+    "speedup",
+    "problems",
+    "lpips_reason",
+}
+
+
 def _check_relations(p: Params) -> None:
+    """Checks across keys, all made when params load (before any stage works)."""
+    for name in p.eval.sets:
+        if not SET_NAME.fullmatch(name) or name in RESERVED_SET_NAMES:
+            raise ConfigError(
+                f"params: 'eval.sets.{name}': a set name must be letters, digits, '-' or '_' "
+                f"and not one of {', '.join(sorted(RESERVED_SET_NAMES))} (it becomes the prefix of the metric keys)"
+            )
     s = p.data.scale
     if p.data.patch_size % s:
         raise ConfigError(
@@ -317,6 +349,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"params: {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        raise ConfigError(
+            f"params: {path} is empty; it must give every key (see the repository's params.yaml)"
+        )
     return params_from_dict(raw)
 
 
@@ -326,6 +362,7 @@ def flatten(params: Params | dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:

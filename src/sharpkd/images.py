@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sharpkd.errors import UserError
@@ -203,3 +204,22 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             raise UserError(f"{path}: unsupported output format '{suffix}' (use .png, .jpg, .webp, .tif)")
         kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
         im.save(tmp, format=fmt, **kwargs)
+
+
+# ------------------------------------------------------------- uint8 / float conversion (the one place)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HxWx3 (or NxHxWx3) uint8 / uint16 -> (N,3,H,W) float32 in [0,1] (N=1 for one image)."""
+    peak = 65535.0 if img.dtype == np.uint16 else 255.0
+    arr = np.ascontiguousarray(img[None] if img.ndim == 3 else img)
+    if not arr.flags.writeable:  # a memory-mapped or read-only array: torch wants memory it may write
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(peak)
+
+
+def to_image(t: torch.Tensor, bits: int = 8) -> np.ndarray:
+    """(1,3,H,W) or (3,H,W) float in [0,1] -> HxWx3 uint8 (or uint16 when bits=16), rounded."""
+    peak = 65535.0 if bits == 16 else 255.0
+    arr = t.detach().float().clamp(0, 1).mul(peak).round().squeeze(0).permute(1, 2, 0).cpu().numpy()
+    return arr.astype(np.uint16 if bits == 16 else np.uint8)

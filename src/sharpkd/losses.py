@@ -18,6 +18,7 @@ from torch import nn
 
 from sharpkd.config import LossParams
 from sharpkd.errors import UserError
+from sharpkd.fetch import find_file
 
 # torchvision's ImageNet VGG19 (VGG19_Weights.IMAGENET1K_V1); the hash prefix is in the name.
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
@@ -35,9 +36,9 @@ VGG19_LAYERS = {
 def find_vgg19_weights(weights_dir: Path) -> Path:
     """VGG19 weights from weights.dir or torchvision's hub cache; a clear error naming both otherwise."""
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    for folder in (weights_dir, hub):
-        if (folder / VGG19_FILE).is_file():
-            return folder / VGG19_FILE
+    found = find_file(VGG19_FILE, (weights_dir, hub))
+    if found is not None:
+        return found
     raise UserError(
         f"loss.perceptual needs the VGG19 ImageNet weights {VGG19_FILE} ({VGG19_URL}), "
         f"found neither in weights.dir ({weights_dir}) nor in torchvision's cache ({hub}). "

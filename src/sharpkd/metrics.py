@@ -20,14 +20,18 @@ import contextlib
 import math
 import os
 import re
-import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from sharpkd.errors import UserError
+from sharpkd.fetch import download, find_file, resolve_weights_dir
+from sharpkd.images import to_tensor
+from sharpkd.inference import run_tiled
 
 # PSNR of identical images is infinite; pyiqa adds eps=1e-8 to the MSE, which makes it 80 dB.
 # Capped here too, so no inf ever reaches JSON.
@@ -47,7 +51,7 @@ def min_side(scale: int) -> int:
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
     if img.dtype != np.uint8:
         raise TypeError(f"metrics expect uint8 images, got {img.dtype}")
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div_(255)
+    return to_tensor(img)
 
 
 @dataclass(frozen=True)
@@ -87,28 +91,21 @@ def _find_or_download(spec: WeightFile, weights_dir: Path) -> Path:
     """The local file, else a bounded download into the standard cache; OSError saying what was tried."""
     hub = _hub_dir()
     places = [weights_dir, hub / "checkpoints", hub / "pyiqa"]
-    for folder in places:
-        if (folder / spec.filename).is_file():
-            return folder / spec.filename
+    found = find_file(spec.filename, places)
+    if found is not None:
+        return found
     dest = hub / spec.cache_subdir / spec.filename
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen has no timeout of its own
+    print(f"[metrics] downloading {spec.filename} from {spec.url} (timeout {DOWNLOAD_TIMEOUT_S:g}s)")
+    digest = ("sha256", spec.hash_prefix) if spec.hash_prefix else None
     try:
-        print(f"[metrics] downloading {spec.filename} from {spec.url} (timeout {DOWNLOAD_TIMEOUT_S:g}s)")
-        torch.hub.download_url_to_file(spec.url, str(dest), hash_prefix=spec.hash_prefix, progress=True)
-    except Exception as exc:
-        text = str(getattr(exc, "reason", "") or exc).strip()
-        cause = f"{type(exc).__name__}: {text.splitlines()[0][:120]}" if text else type(exc).__name__
-        print(
-            f"[metrics] {spec.filename}: not in {', '.join(map(str, places))}; download from {spec.url} failed ({cause})"
-        )
+        download(spec.url, dest, digest=digest, timeout=DOWNLOAD_TIMEOUT_S, attempts=1)
+    except UserError as exc:
+        cause = str(exc).splitlines()[0][:200]
+        print(f"[metrics] {spec.filename}: not in {', '.join(map(str, places))}; {cause}")
         # Short: it is shown beside the null values (eval.json, `dvc exp show`).
         raise OSError(
             f"{spec.filename} is not in weights.dir ({weights_dir}) or torch hub's cache and its download failed ({cause})"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
     return dest
 
 
@@ -163,8 +160,6 @@ class QualityMetrics:
     def __init__(self, scale: int, lpips: bool = True, weights_dir: str | Path | None = None):
         import pyiqa
 
-        from sharpkd import weights
-
         self.scale = scale
         self.min_side = min_side(scale)
         kw = {"test_y_channel": True, "color_space": "ycbcr", "crop_border": scale}
@@ -173,7 +168,7 @@ class QualityMetrics:
         self._lpips = None
         self.lpips_reason: str | None = "LPIPS not requested (eval.lpips: false)"
         if lpips:
-            folder = Path(weights_dir) if weights_dir else weights.weights_dir("")
+            folder = Path(weights_dir) if weights_dir else resolve_weights_dir("")
             try:
                 self._lpips = load_lpips(folder)
                 self.lpips_reason = None
@@ -199,3 +194,28 @@ class QualityMetrics:
             "ssim": float(self._ssim(a, b)),
             "lpips": lpips,
         }
+
+
+def mean_scores(rows: Sequence[dict]) -> dict:
+    keys = {k for r in rows for k in r if isinstance(r[k], int | float) or r[k] is None}
+    out = {}
+    for k in sorted(keys):
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals and len(vals) == len(rows) else None
+    return out
+
+
+def validate(
+    model: Callable, images, metrics, *, use: str, scale_out: int, tile: int, overlap: int, align: int = 1
+) -> dict:
+    """Mean PSNR/SSIM of `model` over validation images; `use` picks its input ('lr' for a teacher, 'input' for a student)."""
+    device = None
+    if isinstance(model, torch.nn.Module):
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else None
+    rows = []
+    for im in images:
+        out = run_tiled(model, getattr(im, use), scale_out, tile, overlap, align, device=device)
+        s = metrics.score(out, im.hr)
+        rows.append({"psnr": s["psnr"], "ssim": s["ssim"]})
+    return mean_scores(rows)

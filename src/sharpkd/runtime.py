@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sharpkd.errors import UserError
-from sharpkd.infer import tiled_apply
+from sharpkd.inference import tiled_apply
 
 DEFAULT_MODEL = Path("models/export/student.onnx")
 # A multiple of every supported scale (2, 3, 4): tiles whose origins are multiples of

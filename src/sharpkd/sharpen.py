@@ -19,8 +19,7 @@ import numpy as np
 
 from sharpkd.errors import UserError
 from sharpkd.files import atomic_path
-from sharpkd.images import IMAGE_SUFFIXES, load_image, save_image
-from sharpkd.infer import to_image, to_tensor
+from sharpkd.images import IMAGE_SUFFIXES, load_image, save_image, to_image, to_tensor
 from sharpkd.runtime import InferenceModel
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
@@ -28,6 +27,9 @@ SAVE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 SIXTEEN_BIT_SUFFIXES = {".png", ".tif", ".tiff"}
 OUTPUT_TAG = "_sharp"
 PREVIEW_TAG = "_preview"
+
+# Tiling outside a pipeline checkout (no params.yaml): a 256-pixel tile bounds memory at any size.
+CLI_TILE, CLI_OVERLAP = 256, 16
 
 
 @dataclass
@@ -228,14 +230,14 @@ def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_f
 
 
 def default_tiling() -> tuple[int, int]:
-    """infer.tile / infer.overlap from ./params.yaml when there is a valid one, else their defaults."""
-    from sharpkd.config import InferParams, load_params
+    """infer.tile / infer.overlap from ./params.yaml when there is a valid one, else the CLI's own."""
+    from sharpkd.config import load_params
 
     if Path("params.yaml").is_file():
         with contextlib.suppress(UserError):
             p = load_params("params.yaml").infer
             return p.tile, p.overlap
-    return InferParams().tile, InferParams().overlap
+    return CLI_TILE, CLI_OVERLAP
 
 
 def sharpen_paths(

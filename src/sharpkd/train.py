@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from sharpkd.errors import UserError
 from sharpkd.files import atomic_path
+from sharpkd.inference import default_device
 
 
 class NonFiniteLossError(UserError):
@@ -65,7 +66,7 @@ class FitResult:
 def device_for_training() -> torch.device:
     if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device()
 
 
 def distributed_setup() -> tuple[int, int]:

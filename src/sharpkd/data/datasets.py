@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from sharpkd.errors import UserError
-from sharpkd.images import read_rgb
+from sharpkd.images import read_rgb, to_tensor
 
 # key -> file in data/pairs (or data/teacher)
 PAIR_FILES = {"hr": "train_hr.npy", "lr": "train_lr.npy", "input": "train_input.npy"}
@@ -67,8 +67,8 @@ class TrainPatches:
             flips = rng.integers(0, 8, size=batch_size)  # one of the 8 dihedral transforms per sample
             out = {}
             for key, arr in self.arrays.items():
-                t = torch.from_numpy(np.ascontiguousarray(arr[idx]))
-                t = t.permute(0, 3, 1, 2).float().div_(255) if t.dtype == torch.uint8 else t.float()
+                rows = arr[idx]
+                t = to_tensor(rows) if rows.dtype == np.uint8 else torch.from_numpy(rows).float()
                 out[key] = torch.stack([_dihedral(t[i], int(f)) for i, f in enumerate(flips)])
             return out
 

@@ -63,10 +63,6 @@ class Student(nn.Module):
         }
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def conv_macs(model: nn.Module, height: int = 1080, width: int = 1920, scale_in: int = 1) -> int:
     """Multiply-accumulates of one forward pass on an input of height x width, counted from Conv2d layers.
 

@@ -6,23 +6,27 @@ folder back into a module mapping LR (B,3,h,w) in [0,1] to SR (B,3,h*s,w*s).
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sharpkd.errors import UserError
+from sharpkd.fetch import file_digest
+from sharpkd.models import count_params
 from sharpkd.models.edsr import EDSR
-from sharpkd.models.student import count_params
-from sharpkd.weights import sha256_of
+from sharpkd.models.pan import DEFAULT_FEATURE_LAYERS as PAN_FEATURE_LAYERS
+from sharpkd.models.pan import PAN
 
 # Deep features before the upsampler, on the LR grid, per architecture.
 DEFAULT_FEATURE_LAYERS = {
     "EDSR-sharpkd": ("body",),
     "SwinIR": ("conv_after_body",),
     "HAT": ("conv_after_body",),
-    "PAN": None,  # filled from models/pan.py
+    "PAN": PAN_FEATURE_LAYERS,
 }
 
 
@@ -44,18 +48,28 @@ def load_spandrel(path: str | Path, scale: int | None = None) -> tuple[nn.Module
     return desc.model, desc.architecture.name, desc.scale
 
 
-def _pan_module():
-    from sharpkd.models import pan
+def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> nn.Module:
+    """`model` with the state dict in `path`, loaded strictly and safely (tensors only, no code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # a wrong, truncated or code-carrying file
+        raise UserError(f"{path}: not a {what} state dict ({str(exc).splitlines()[0][:200]})") from None
+    return model
 
-    return pan
+
+# teacher.json's "loader" -> how its teacher.pth becomes a module.
+TEACHER_LOADERS: dict[str, Callable[[Path, dict], nn.Module]] = {
+    "spandrel": lambda path, info: load_spandrel(path, info["scale"])[0],
+    "pan": lambda path, info: load_state_dict_file(PAN(scale=info["scale"]), path, f"PAN x{info['scale']}"),
+    "edsr": lambda path, info: load_state_dict_file(EDSR(**info["arch"]), path, "EDSR-sharpkd"),
+}
 
 
 def load_teacher(
     folder: str | Path = "models/teacher", device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
     """The teacher saved by the `teacher` stage, in eval mode, and its teacher.json."""
-    import json
-
     folder = Path(folder)
     info_path, weights = folder / "teacher.json", folder / "teacher.pth"
     if not info_path.is_file() or not weights.is_file():
@@ -63,24 +77,12 @@ def load_teacher(
             f"{folder}: no teacher found (expected teacher.json and teacher.pth; run `dvc repro teacher`)"
         )
     info = json.loads(info_path.read_text())
-    loader = info["loader"]
-    if loader == "spandrel":
-        model, _, _ = load_spandrel(weights, info["scale"])
-    elif loader == "pan":
-        pan = _pan_module()
-        model = pan.PAN(scale=info["scale"])
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    elif loader == "edsr":
-        model = EDSR(**info["arch"])
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    else:
-        raise UserError(f"{info_path}: unknown teacher loader {loader!r}")
-    return model.to(device).eval(), info
+    if info.get("loader") not in TEACHER_LOADERS:
+        raise UserError(f"{info_path}: unknown teacher loader {info.get('loader')!r}")
+    return TEACHER_LOADERS[info["loader"]](weights, info).to(device).eval(), info
 
 
 def default_feature_layers(architecture: str) -> tuple[str, ...]:
-    if architecture == "PAN":
-        return tuple(_pan_module().DEFAULT_FEATURE_LAYERS)
     return tuple(DEFAULT_FEATURE_LAYERS.get(architecture) or ())
 
 
@@ -109,7 +111,7 @@ def describe(
         "architecture": architecture,
         "scale": scale,
         "params": count_params(model),
-        "sha256": sha256_of(weights),
+        "sha256": file_digest(weights),
         "feature_layers": list(layers),
         **extra,
     }

@@ -1,4 +1,8 @@
-"""The `distill` stage: train the student against HR, the cached teacher outputs and features."""
+"""DVC stage `distill`: train the student against HR, the cached teacher outputs and features.
+
+-> models/student/, metrics/train.json, metrics/train_curve.tsv. Runs unchanged under
+`torchrun --nproc_per_node=N -m sharpkd.stages.distill` (DDP; rank 0 writes).
+"""
 
 from __future__ import annotations
 
@@ -11,25 +15,18 @@ import torch
 from sharpkd.config import Params, flatten
 from sharpkd.data.datasets import TrainPatches, load_valid
 from sharpkd.errors import UserError
+from sharpkd.fetch import resolve_weights_dir
 from sharpkd.files import atomic_dir, atomic_path, write_json
 from sharpkd.losses import DistillObjective
-from sharpkd.models.student import Student, conv_macs, count_params, save_student
+from sharpkd.metrics import QualityMetrics, validate
+from sharpkd.models import count_params
+from sharpkd.models.student import Student, conv_macs, save_student
+from sharpkd.stages import StagePaths, run_stage
 from sharpkd.train import FitConfig, distributed_setup, fit
 
 
-def distill(
-    params: Params,
-    tracker,
-    pairs_dir="data/pairs",
-    teacher_dir="data/teacher",
-    out_dir="models/student",
-    checkpoint_dir="models/checkpoints",
-    metrics_dir="metrics",
-) -> dict:
-    from sharpkd import weights
-    from sharpkd.evaluation import validate
-    from sharpkd.metrics import QualityMetrics
-
+def run(params: Params, paths: StagePaths, tracker) -> dict:
+    pairs_dir, teacher_dir, out_dir = paths.pairs, paths.teacher_cache, paths.student
     rank, world = distributed_setup()
     if params.distill.threads:
         torch.set_num_threads(params.distill.threads)
@@ -41,7 +38,7 @@ def distill(
     )
     # Built before any step: a missing VGG file or feature cache stops here.
     objective = DistillObjective(
-        student, params.loss, cache_info.get("feature_channels", 0), weights.weights_dir(params.weights.dir)
+        student, params.loss, cache_info.get("feature_channels", 0), resolve_weights_dir(params.weights.dir)
     )
     patches = TrainPatches(pairs_dir, teacher_dir, keys=objective.needed_keys())
     valid = load_valid(pairs_dir) if rank == 0 else []
@@ -58,7 +55,11 @@ def distill(
         amp=d.amp,
         seed=params.seed,
         # The cache's content, not its timings: a rebuilt but identical cache still resumes.
-        fingerprint={"params": flatten(params), "world": world, "cache": _cache_identity(cache_info)},
+        fingerprint={
+            "params": _training_params(params),
+            "world": world,
+            "cache": _cache_identity(cache_info),
+        },
     )
     result = fit(
         objective,
@@ -74,7 +75,7 @@ def distill(
             overlap=params.infer.overlap,
             align=params.data.scale,
         ),
-        checkpoint_path=Path(checkpoint_dir) / "ckpt.pt",
+        checkpoint_path=paths.checkpoints / "ckpt.pt",
         log_metrics=lambda m, step: tracker.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step),
         desc="distill",
     )
@@ -103,8 +104,8 @@ def distill(
         save_student(best, tmp / "student.pth", {"val": result.best_metrics, "step": result.best_step})
         save_student(student_cpu, tmp / "last.pth", {"val": result.last_metrics, "step": result.steps})
         write_json(tmp / "student.json", {"arch": best.arch_kwargs(), "loss_terms": loss_terms, **summary})
-    write_json(Path(metrics_dir) / "train.json", summary)
-    with atomic_path(Path(metrics_dir) / "train_curve.tsv") as tmp:
+    write_json(paths.metrics / "train.json", summary)
+    with atomic_path(paths.metrics / "train_curve.tsv") as tmp:
         pd.DataFrame(result.curve).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     print(
         f"[distill] best val PSNR {summary['val_psnr']:.2f} dB (step {result.best_step}), "
@@ -112,6 +113,13 @@ def distill(
     )
     tracker.log_metrics({f"distill.{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     return summary
+
+
+def _training_params(params: Params) -> dict:
+    """What a checkpoint must have been trained with to be resumed (the cache's identity is checked apart)."""
+    groups = {"loss.": params.loss, "student.": params.student, "distill.": params.distill}
+    flat = {k: v for prefix, group in groups.items() for k, v in flatten(group, prefix).items()}
+    return {"seed": params.seed, "data.scale": params.data.scale, **flat}
 
 
 def _cache_identity(cache_info: dict) -> dict:
@@ -125,3 +133,7 @@ def _cache_info(teacher_dir) -> dict:
             f"{path} not found: the teacher cache is missing or incomplete; run `dvc repro cache_teacher`"
         )
     return json.loads(path.read_text())
+
+
+if __name__ == "__main__":
+    run_stage("distill", run)

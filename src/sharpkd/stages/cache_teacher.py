@@ -1,4 +1,4 @@
-"""The `cache_teacher` stage: run the teacher once over all training and validation inputs.
+"""DVC stage `cache_teacher`: run the teacher once over all training and validation inputs.
 
 Writes data/teacher/: the teacher's output for every training LR patch (uint8,
 index-aligned with data/pairs/train_*.npy), its deep features on the LR grid
@@ -20,11 +20,11 @@ from tqdm import tqdm
 from sharpkd.config import Params
 from sharpkd.data.datasets import load_valid
 from sharpkd.errors import UserError
-from sharpkd.evaluation import run_tiled
 from sharpkd.files import atomic_dir, write_json
-from sharpkd.images import save_image
+from sharpkd.images import save_image, to_tensor
+from sharpkd.inference import default_device, run_tiled
 from sharpkd.models.teacher import load_teacher
-from sharpkd.train import device_for_training
+from sharpkd.stages import StagePaths, run_stage
 
 
 class FeatureTap:
@@ -69,11 +69,10 @@ def estimate_bytes(n: int, patch: int, scale: int, feat_channels: int) -> int:
     return n * (patch * patch * 3 + feat_channels * lr * lr * 2)
 
 
-def cache_teacher(
-    params: Params, tracker, pairs_dir="data/pairs", teacher_dir="models/teacher", out_dir="data/teacher"
-) -> dict:
-    device = device_for_training()
-    model, info = load_teacher(teacher_dir, device)
+def run(params: Params, paths: StagePaths, tracker) -> dict:
+    pairs_dir, out_dir = paths.pairs, paths.teacher_cache
+    device = default_device()
+    model, info = load_teacher(paths.teacher, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     amp = device.type == "cuda" and params.distill.amp
@@ -84,8 +83,8 @@ def cache_teacher(
     tap = FeatureTap(model, layers) if layers else None
     bs = params.cache.batch_size
 
-    def run(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).float().div_(255).to(device)
+    def teacher_on(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = to_tensor(batch).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         feats = tap.features() if tap else None
@@ -94,7 +93,7 @@ def cache_teacher(
     # Feature size: probe one batch, then fit the fixed projection on a seeded sample.
     full_channels, proj = 0, None
     if tap:
-        _, f = run(lr[:1])
+        _, f = teacher_on(lr[:1])
         if f.shape[-2:] != (h, w):
             raise UserError(
                 f"teacher.feature_layers {layers} give features of size {tuple(f.shape[-2:])}, not on the LR grid {(h, w)}"
@@ -114,7 +113,7 @@ def cache_teacher(
     if tap and channels < full_channels:
         rng = np.random.default_rng(params.seed)
         sample = np.sort(rng.choice(n, size=min(n, 256), replace=False))
-        feats = torch.cat([run(lr[sample[i : i + bs]])[1].cpu() for i in range(0, len(sample), bs)])
+        feats = torch.cat([teacher_on(lr[sample[i : i + bs]])[1].cpu() for i in range(0, len(sample), bs)])
         proj = fit_pca(feats, channels)
 
     with atomic_dir(out_dir) as tmp:
@@ -128,7 +127,7 @@ def cache_teacher(
             )
         t0 = time.perf_counter()
         for i in tqdm(range(0, n, bs), desc="teacher on training patches", unit="batch"):
-            out, f = run(lr[i : i + bs])
+            out, f = teacher_on(lr[i : i + bs])
             outs[i : i + len(out)] = out.numpy()
             if feat_arr is not None:
                 f = project(f, *proj) if proj is not None else f
@@ -176,3 +175,7 @@ def cache_teacher(
     tracker.log_metrics({"cache.patches_per_s": patches_per_s, "cache.bytes": size})
     tracker.set_tags({"device": str(device)})
     return summary
+
+
+if __name__ == "__main__":
+    run_stage("cache_teacher", run)

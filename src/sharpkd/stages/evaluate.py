@@ -1,4 +1,4 @@
-"""The `evaluate` stage: bicubic vs teacher vs student on the validation split and on extra test sets.
+"""DVC stage `evaluate`: bicubic vs teacher vs student on the validation split and on extra test sets.
 
 Every HR image is degraded as the pipeline does (the validation split was degraded
 by the degrade stage; extra sets from `eval.sets` are degraded here, seeded per
@@ -8,7 +8,7 @@ output for the validation split, tiled inference on the clean LR image for the
 extra sets, as cache_teacher does) and the student (tiled inference on the
 degraded input). Speed is one 1080p frame on the device the stage runs on.
 
-Writes (metrics_dir): eval.json (flat keys for `dvc exp show`), per_image.csv,
+Writes (metrics/): eval.json (flat keys for `dvc exp show`), per_image.csv,
 quality_speed.csv (DVC plot data) and compare/*.png (aligned crops; quality vs speed).
 A bad entry in eval.sets (missing folder, unreadable or too small image) is
 reported, recorded in eval.json and skipped; the rest is still evaluated.
@@ -28,18 +28,23 @@ import torch
 from tqdm import tqdm
 
 from sharpkd.config import DegradationParams, Params
+from sharpkd.data.datasets import load_valid
+from sharpkd.data.degradation import crop_to_multiple, degrade_image, resize
 from sharpkd.errors import UserError
-from sharpkd.evaluation import mean_scores, run_tiled
+from sharpkd.fetch import resolve_weights_dir
 from sharpkd.files import atomic_dir, atomic_path, write_json
-from sharpkd.images import ImageReadError, list_images, read_rgb
+from sharpkd.images import ImageReadError, list_images, read_rgb, to_image
+from sharpkd.inference import default_device, run_tiled, tiled_apply
+from sharpkd.metrics import QualityMetrics, mean_scores
+from sharpkd.models import count_params
+from sharpkd.models.student import conv_macs, load_student
+from sharpkd.models.teacher import load_teacher
+from sharpkd.stages import StagePaths, run_stage
+from sharpkd.timing import cpu_name, time_ms
 
 METHODS = ("bicubic", "teacher", "student")
 CAPTIONS = {"bicubic": "input (bicubic)", "teacher": "teacher", "student": "student"}
-VALID = "valid"
-# Set names become the first part of flat keys (`Set5.student.psnr`), so they must not hold dots
-# or collide with the other top-level keys.
-SET_NAME = re.compile(r"[A-Za-z0-9_-]+")
-RESERVED = {VALID, "student", "teacher", "bicubic", "timing", "speedup", "problems", "lpips_reason"}
+VALID = "valid"  # the validation split's set name (config.py keeps eval.sets from using it)
 # DESIGN.md: published Set5 / Set14 x4 numbers (PSNR dB, SSIM), for the quality-vs-speed plot.
 PUBLISHED_X4 = {
     "Set5": {
@@ -74,15 +79,6 @@ class SetResult:
         return len({r["image"] for r in self.rows})
 
 
-def check_set_names(sets: dict[str, str]) -> None:
-    for name in sets:
-        if not SET_NAME.fullmatch(name) or name in RESERVED:
-            raise UserError(
-                f"params: 'eval.sets.{name}': a set name must be letters, digits, '-' or '_' "
-                f"and not one of {', '.join(sorted(RESERVED))} (it becomes the prefix of the metric keys)"
-            )
-
-
 def _too_small(img: np.ndarray, min_side: int, scale: int) -> str | None:
     h, w = img.shape[:2]
     if min(h, w) < min_side:
@@ -114,8 +110,6 @@ def extra_set_images(
     problems: list[str],
 ) -> Iterator[EvalImage]:
     """The HR images of one eval.sets folder, degraded; problems are appended to `problems` and skipped."""
-    from sharpkd.data.degrade import crop_to_multiple, degrade_image
-
     key = f"eval.sets.{set_name}"
     if not folder:
         _problem(problems, f"{key}: no folder given")
@@ -150,8 +144,6 @@ def extra_set_images(
 def valid_images(
     pairs_dir: Path, teacher_cache_dir: Path, min_side: int, scale: int, problems: list[str]
 ) -> Iterator[EvalImage]:
-    from sharpkd.data.datasets import load_valid
-
     for im in load_valid(pairs_dir, teacher_cache_dir):
         if im.teacher is not None and im.teacher.shape != im.hr.shape:
             raise UserError(
@@ -217,8 +209,6 @@ def score_set(
 
 
 def _device_name(device: torch.device) -> str:
-    from sharpkd.bench import cpu_name
-
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {cpu_name()}"
@@ -226,16 +216,12 @@ def _device_name(device: torch.device) -> str:
 
 def measure_speed(student, teacher, scale: int, device: torch.device, params: Params) -> dict:
     """ms per 1080p frame (frame in host memory -> frame back in host memory), median after warm-up."""
-    from sharpkd.bench import time_ms
-    from sharpkd.data.degrade import resize
-    from sharpkd.infer import tiled_apply
-
     ev, tile, overlap = params.eval, params.infer.tile, params.infer.overlap
     h, w = FRAME_1080P
     gen = torch.Generator().manual_seed(0)
     frame = torch.rand(1, 3, h, w, generator=gen)
     lr = torch.rand(1, 3, h // scale, w // scale, generator=gen)
-    lr_u8 = (lr[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    lr_u8 = to_image(lr)
     out: dict = {}
     with torch.no_grad():
         print(f"[evaluate] timing the student on a 1080p frame ({ev.speed_repeats} repeats)")
@@ -360,39 +346,25 @@ def _round(v):
     return None if v is None else round(float(v), 5)
 
 
-def evaluate(
-    params: Params,
-    tracker,
-    *,
-    pairs_dir: str | Path = "data/pairs",
-    teacher_cache_dir: str | Path = "data/teacher",
-    teacher_dir: str | Path = "models/teacher",
-    student_path: str | Path = "models/student/student.pth",
-    metrics_dir: str | Path = "metrics",
-) -> dict:
-    """Run the evaluation and write metrics_dir/{eval.json, per_image.csv, quality_speed.csv, compare/}."""
-    from sharpkd import weights
-    from sharpkd.metrics import QualityMetrics
-    from sharpkd.models.student import conv_macs, count_params, load_student
-    from sharpkd.models.teacher import load_teacher
-
+def run(params: Params, paths: StagePaths, tracker) -> dict:
+    """Run the evaluation and write metrics/{eval.json, per_image.csv, quality_speed.csv, compare/}."""
     ev, scale = params.eval, params.data.scale
-    check_set_names(ev.sets)
-    pairs_dir, teacher_cache_dir, metrics_dir = Path(pairs_dir), Path(teacher_cache_dir), Path(metrics_dir)
+    pairs_dir, teacher_cache_dir, metrics_dir = paths.pairs, paths.teacher_cache, paths.metrics
+    teacher_dir, student_path = paths.teacher, paths.student / "student.pth"
     if not (teacher_cache_dir / "cache.json").is_file():
         raise UserError(
             f"{teacher_cache_dir / 'cache.json'} not found: the teacher cache is missing or incomplete; run `dvc repro cache_teacher`"
         )
     if params.distill.threads:
         torch.set_num_threads(params.distill.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     student = load_student(student_path, device)
     teacher, info = load_teacher(teacher_dir, device)
     if info["scale"] != scale:
         raise UserError(
             f"{teacher_dir}: the teacher is x{info['scale']} but data.scale is {scale}; run `dvc repro`"
         )
-    metrics = QualityMetrics(scale, lpips=ev.lpips, weights_dir=weights.weights_dir(params.weights.dir))
+    metrics = QualityMetrics(scale, lpips=ev.lpips, weights_dir=resolve_weights_dir(params.weights.dir))
     tile, overlap = params.infer.tile, params.infer.overlap
 
     def teacher_fn(im: EvalImage) -> np.ndarray:
@@ -495,3 +467,7 @@ def evaluate(
     )
     tracker.log_artifacts(str(metrics_dir / "compare"), "compare")
     return summary
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", run)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from sharpkd.images import to_image, to_tensor
+
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -92,14 +94,23 @@ def tiled_apply(
     return out.div_(weight)
 
 
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 (or uint16) -> (1,3,H,W) float32 in [0,1]."""
-    peak = 65535.0 if img.dtype == np.uint16 else 255.0
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(peak).unsqueeze(0)
+def run_tiled(
+    model: Callable,
+    img: np.ndarray,
+    scale: int,
+    tile: int,
+    overlap: int,
+    align: int = 1,
+    device=None,
+    amp=False,
+) -> np.ndarray:
+    """uint8 image in -> uint8 image out through the tiled inference."""
+    out = tiled_apply(
+        model, to_tensor(img), scale=scale, tile=tile, overlap=overlap, align=align, device=device, amp=amp
+    )
+    return to_image(out)
 
 
-def to_image(t: torch.Tensor, bits: int = 8) -> np.ndarray:
-    """(1,3,H,W) or (3,H,W) float in [0,1] -> HxWx3 uint8 (or uint16 when bits=16), rounded."""
-    peak = 65535.0 if bits == 16 else 255.0
-    arr = t.detach().float().clamp(0, 1).mul(peak).round().squeeze(0).permute(1, 2, 0).cpu().numpy()
-    return arr.astype(np.uint16 if bits == 16 else np.uint8)
+def default_device() -> torch.device:
+    """CUDA when there is one (training, the teacher cache), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,224 @@
+"""Finding, downloading and verifying files: one module, one hash helper.
+
+- `file_digest(path, algo)`: the hash of a file, read in chunks (sha256 by default).
+- `download(url, dest, size, digest)`: a resumable, verified HTTP download (DIV2K zips, weights).
+- `resolve_weights_dir(configured)`: the folder for pretrained weights: `weights.dir`, else
+  $SHARPKD_WEIGHTS_DIR, else ~/.cache/sharpkd/weights.
+- `find_file(name, folders)`: the first folder holding `name`.
+- `fetch_weights(filename, url, sha256, folder)`: a weights file from the folder, else downloaded.
+
+A machine without internet is given the files in the weights folder; a missing file is an
+error that names the file, its URL and the folder, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sharpkd.errors import UserError
+
+_SWINIR = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/001_classicalSR_DF2K_s64w8_SwinIR-M_x{s}.pth"
+_PAN = "https://github.com/zhaohengyuan1/PAN/raw/master/experiments/pretrained_models/PANx{s}_DF2K.pth"
+_PAN_SHA256 = {
+    2: "fcf8ed48656abbaae46309ee91745684b80235a9c8b37a2d8fb0715a3ad3f00f",
+    3: "86491751d73645a8816a0d6ec62ccde6b22ce5da930e36b3b87f5437167fbc89",
+    4: "739fab99ee7b7058dab4d1b84aa2869bb9fc3995a1c08789c20355bee943833c",
+}
+
+# sha256 None = not pinned here (we could not obtain the official file to hash it):
+# the file is still downloaded, its sha256 printed and recorded in teacher.json.
+PRETRAINED: dict[str, dict] = {
+    **{
+        f"swinir_x{s}": {
+            "filename": _SWINIR.format(s=s).rsplit("/", 1)[1],
+            "url": _SWINIR.format(s=s),
+            "sha256": None,
+        }
+        for s in (2, 3, 4)
+    },
+    **{
+        f"pan_x{s}": {"filename": f"PANx{s}_DF2K.pth", "url": _PAN.format(s=s), "sha256": _PAN_SHA256[s]}
+        for s in (2, 3, 4)
+    },
+}
+
+
+class DownloadError(UserError):
+    pass
+
+
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_weights_dir(configured: str = "") -> Path:
+    return Path(
+        configured or os.environ.get("SHARPKD_WEIGHTS_DIR") or Path.home() / ".cache" / "sharpkd" / "weights"
+    ).expanduser()
+
+
+def find_file(name: str, folders: Iterable[str | Path]) -> Path | None:
+    for folder in folders:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def _matches(path: Path, size: int | None, digest: tuple[str, str] | None) -> tuple[bool, str]:
+    """(ok, what is wrong). A digest may be a prefix (torchvision names carry sha256 prefixes)."""
+    if size is not None and path.stat().st_size != size:
+        return False, f"expected {size} bytes, got {path.stat().st_size}"
+    if digest is not None:
+        algo, expected = digest
+        got = file_digest(path, algo)
+        if not got.startswith(expected):
+            return False, f"{algo} mismatch (expected {expected}, got {got})"
+    return True, ""
+
+
+def _range_start(response) -> int | None:
+    """First byte of a 206 answer, from `Content-Range: bytes START-END/TOTAL`."""
+    value = response.headers.get("Content-Range", "")
+    try:
+        unit, rest = value.split(" ", 1)
+        return int(rest.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
+def _body_chunks(response) -> Iterator[bytes]:
+    """The body as it arrives. `read1` hands over what is there, so a dropped connection loses none of
+    the bytes already received (iter_content drops its partly filled chunk: those would be fetched twice)."""
+    raw = response.raw
+    if hasattr(raw, "read1"):  # urllib3 >= 2
+        while chunk := raw.read1(1 << 16, decode_content=True):
+            yield chunk
+    else:
+        yield from response.iter_content(1 << 16)
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    size: int | None = None,
+    digest: tuple[str, str] | None = None,
+    timeout: float = 30.0,
+    attempts: int = 5,
+) -> Path:
+    """Download `url` to `dest`, verified (size, and `digest` = (algo, hex or hex prefix)); return `dest`.
+
+    A verified `dest` already there is reused without any request. Bytes go to
+    `dest.part`; after an interruption the next attempt (or the next run) asks for
+    the rest with an HTTP Range request. Size and digest are checked on the `.part`
+    before it is renamed to `dest`, so `dest` only ever holds a verified file.
+    """
+    import requests
+    import urllib3
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_file():
+        if _matches(dest, size, digest)[0]:
+            print(f"[download] {dest} is already there (verified); not fetched again")
+            return dest
+        print(f"[download] {dest} does not match the expected size/digest; removed, downloading it again")
+        dest.unlink()
+    part = dest.with_name(dest.name + ".part")
+    if size is not None and part.exists() and part.stat().st_size > size:
+        part.unlink()  # longer than the file: not a prefix of it
+    last_error = None
+    for attempt in range(attempts):
+        if attempt > 1:
+            time.sleep(min(2.0 * (attempt - 1), 10.0))  # resume a cut connection at once, then back off
+        have = part.stat().st_size if part.exists() else 0
+        # identity: byte ranges and the digest refer to the file itself, not to a gzip of it.
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                if r.status_code == 416 and have:  # nothing left to fetch: the .part holds the whole file
+                    break
+                if r.status_code not in (200, 206):
+                    raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+                if r.status_code == 206 and _range_start(r) != have:
+                    part.unlink()
+                    last_error = f"asked for bytes from {have}, got {r.headers.get('Content-Range')!r}"
+                    continue
+                if r.status_code == 200 and have:
+                    print(
+                        f"[download] {url}: the server does not support resuming; downloading from the start"
+                    )
+                    have = 0
+                length = r.headers.get("Content-Length")
+                total = int(length) + have if length else size
+                with (
+                    open(part, "ab" if have else "wb") as f,
+                    tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=f"download {dest.name}"
+                    ) as bar,
+                ):
+                    for chunk in _body_chunks(r):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            # A response without Content-Length that ended early looks complete to requests: keep resuming.
+            if length is None and size is not None and part.stat().st_size < size:
+                last_error = f"connection closed at {part.stat().st_size} of {size} bytes"
+                continue
+            break
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError,
+        ) as exc:
+            last_error = f"{type(exc).__name__}: {exc}"
+            got = part.stat().st_size if part.exists() else 0
+            print(
+                f"[download] {dest.name}: interrupted at {got} bytes ({type(exc).__name__}); resuming with HTTP Range"
+            )
+    else:
+        raise DownloadError(
+            f"{url}: download failed after {attempts} attempts ({last_error}); "
+            f"the partial file {part} is kept, run again to resume"
+        )
+
+    ok, why = _matches(part, size, digest)
+    if not ok:
+        part.unlink()
+        raise DownloadError(f"{url}: {why}; the downloaded file was removed")
+    part.replace(dest)
+    print(f"[download] {dest} downloaded" + (", verified" if size is not None or digest else ""))
+    return dest
+
+
+def fetch_weights(
+    filename: str, url: str, sha256: str | None, folder: str | Path, timeout: float = 30.0
+) -> Path:
+    """`folder/filename`, downloaded from `url` if absent; sha256-verified when pinned."""
+    folder = Path(folder)
+    path = folder / filename
+    if path.is_file():
+        if sha256 is None or file_digest(path) == sha256:
+            return path
+        raise UserError(
+            f"{path}: sha256 mismatch (expected {sha256}, got {file_digest(path)}); delete it or replace it with the official file from {url}"
+        )
+    try:
+        download(url, path, digest=("sha256", sha256) if sha256 else None, timeout=timeout, attempts=2)
+    except DownloadError as exc:
+        raise UserError(
+            f"weights file {filename} is not in {folder} and could not be downloaded ({exc}). "
+            f"Put the file in {folder} (or point weights.dir / SHARPKD_WEIGHTS_DIR at a folder holding it)."
+        ) from None
+    if sha256 is None:
+        print(f"[weights] {filename}: sha256 {file_digest(path)} (not pinned; recorded in teacher.json)")
+    return path
