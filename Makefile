@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned first so no other requirement can pull a different build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-fast lint bench ui reference results clean-venv
+.PHONY: run test test-fast lint bench ui reference results domain domain-results sweep sweep-results clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,25 +35,88 @@ bench: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/bench_models.py
 
 # The reference experiment (README "Results"): the photographs in ../shared/trainsets, x4 bicubic,
-# the pretrained PAN teacher, Set5 as an extra evaluation set; a distilled student and the same
-# student without distillation (loss.kd=0, loss.feature=0), same steps, run side by side on one
-# thread each. Absolute paths: queued experiments run in a temporary copy of the repo.
+# the pretrained PAN teacher, Set5 as an extra evaluation set; three arms at equal compute (same steps
+# and batch size), run side by side on one thread each:
+#   ref-baseline  the student on HR alone: no teacher (distill.teacher=false: the teacher is run on the
+#                 validation images only, for evaluate's teacher row; no training cache is waited for)
+#   ref-distill   the distilled student on the labelled images (pixel + KD)
+#   ref-upcycle   the same plus teacher-only data: the labelled images upcycled, REF_FRACTION of each
+#                 batch. REF_UPCYCLE picks DUKD's zoom-out (the LR downscaled again by the scale, the
+#                 teacher's output of it as the target), which helped in a short trial where zoom-in
+#                 (the HR as the teacher's input; cropped to REF_ZOOM_SIDE) did not (README).
+# Absolute paths: queued experiments run in a temporary copy of the repo.
 SHARED ?= $(abspath ../shared)
 REF_STEPS ?= 24000
+REF_JOBS ?= 3
+REF_UPCYCLE ?= [zoom_out]
+REF_ZOOM_SIDE ?= 128
+REF_FRACTION ?= 0.25
 REF_PARAMS := -S data.source=folder -S data.folder.train=$(SHARED)/trainsets -S degradation.jpeg_prob=0 \
 	-S teacher.source=pan -S weights.dir=$(SHARED)/weights -S ++eval.sets.Set5=$(SHARED)/testsets/Set5/HR \
 	-S distill.steps=$(REF_STEPS) -S distill.batch_size=32 -S distill.eval_every=1000 \
 	-S distill.checkpoint_every=1000 -S distill.threads=1
+NO_TEACHER := -S distill.teacher=false -S loss.kd=0 -S loss.feature=0
+UPCYCLE := -S 'data.upcycle=$(REF_UPCYCLE)' -S data.teacher_only_max_side=$(REF_ZOOM_SIDE) \
+	-S distill.unlabeled_fraction=$(REF_FRACTION)
+DVC := PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc
 
 reference: $(VENV)/.installed
-	-PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp remove ref-distill ref-baseline 2>/dev/null
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp run --queue -n ref-distill $(REF_PARAMS)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp run --queue -n ref-baseline $(REF_PARAMS) -S loss.kd=0 -S loss.feature=0
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp run --run-all -j 2
+	-$(DVC) exp remove ref-baseline ref-distill ref-upcycle 2>/dev/null
+	$(DVC) exp run --queue -n ref-baseline $(REF_PARAMS) $(NO_TEACHER)
+	$(DVC) exp run --queue -n ref-distill $(REF_PARAMS)
+	$(DVC) exp run --queue -n ref-upcycle $(REF_PARAMS) $(UPCYCLE)
+	$(DVC) exp run --run-all -j $(REF_JOBS)
 	$(MAKE) results
 
 results: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results_table.py ref-distill ref-baseline --readme README.md
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results_table.py --readme README.md --block results \
+		ref-baseline="HR only, no teacher" ref-distill="distilled, labelled images" \
+		ref-upcycle="distilled, labelled + upcycled teacher-only images"
+
+# The new-domain experiment (README "A new domain"): the reference photographs, plus the 40 Manga109
+# pages of $(MANGA)/unlabeled_x4 that exist only as x4 LR images (no HR) as teacher-only inputs
+# (DOMAIN_FRACTION of each batch); every arm is also evaluated on 20 other pages with HR ($(MANGA)/test/HR).
+#   dom-baseline  photographs only, no teacher;  dom-photos  photographs only, distilled;
+#   dom-manga     photographs distilled + the unlabeled pages labelled by PAN
+MANGA ?= $(SHARED)/domains/Manga109
+DOMAIN_JOBS ?= 3
+DOMAIN_FRACTION ?= 0.25
+DOMAIN_PARAMS := $(REF_PARAMS) -S ++eval.sets.Manga109=$(MANGA)/test/HR
+
+domain: $(VENV)/.installed
+	-$(DVC) exp remove dom-baseline dom-photos dom-manga 2>/dev/null
+	$(DVC) exp run --queue -n dom-baseline $(DOMAIN_PARAMS) $(NO_TEACHER)
+	$(DVC) exp run --queue -n dom-photos $(DOMAIN_PARAMS)
+	$(DVC) exp run --queue -n dom-manga $(DOMAIN_PARAMS) -S data.unlabeled=$(MANGA)/unlabeled_x4 \
+		-S distill.unlabeled_fraction=$(DOMAIN_FRACTION)
+	$(DVC) exp run --run-all -j $(DOMAIN_JOBS)
+	$(MAKE) domain-results
+
+domain-results: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results_table.py --readme README.md --block domain \
+		dom-baseline="photographs only, no teacher" dom-photos="photographs only, distilled" \
+		dom-manga="photographs + unlabeled Manga109 pages, distilled"
+
+# The student-size sweep (README "A stronger student at the same cost"): students of several widths,
+# depths and block types on the reference data and budget, distilled from PAN, two at a time; then
+# scripts/sweep_table.py measures each size's float32 and INT8 speed side by side in one run and writes
+# the Pareto table and docs/sweep.png into the README. A rep student trains at a lower learning rate.
+SWEEP_JOBS ?= 2
+SWEEP_REP_LR ?= 0.0005
+SWEEP_SIZES ?= 24x4 32x4 48x4 32x6
+sweep: $(VENV)/.installed
+	-$(DVC) exp remove $(foreach s,$(SWEEP_SIZES),sweep-plain-$(s) sweep-rep-$(s)) 2>/dev/null
+	$(foreach s,$(SWEEP_SIZES),$(DVC) exp run --queue -n sweep-plain-$(s) $(REF_PARAMS) \
+		-S student.channels=$(word 1,$(subst x, ,$(s))) -S student.blocks=$(word 2,$(subst x, ,$(s))) \
+		-S student.block=plain && ) true
+	$(foreach s,$(SWEEP_SIZES),$(DVC) exp run --queue -n sweep-rep-$(s) $(REF_PARAMS) \
+		-S student.channels=$(word 1,$(subst x, ,$(s))) -S student.blocks=$(word 2,$(subst x, ,$(s))) \
+		-S student.block=rep -S distill.lr=$(SWEEP_REP_LR) && ) true
+	$(DVC) exp run --run-all -j $(SWEEP_JOBS)
+	$(MAKE) sweep-results
+
+sweep-results: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/sweep_table.py --prefix sweep- --readme README.md
 
 ui: $(VENV)/.installed
 	$(BIN)/sharpkd ui

@@ -1,11 +1,14 @@
-"""The README's results table, from the metrics/eval.json of DVC experiments (never typed by hand).
+"""A README results table, from the metrics/eval.json of DVC experiments (never typed by hand).
 
-Usage: python scripts/results_table.py DISTILLED BASELINE [--readme README.md]
+Usage: python scripts/results_table.py NAME=LABEL [NAME=LABEL ...] [--readme README.md] [--block results]
 
-DISTILLED and BASELINE are DVC experiment names (e.g. ref-distill, ref-baseline from `make reference`).
-Rows: bicubic, the teacher, the student with and without distillation; columns: PSNR / SSIM / LPIPS
-(null -> n/a) per evaluated set, parameters, ms per 1080p frame. With --readme, the table replaces
-what stands between the `<!-- results:start -->` and `<!-- results:end -->` markers.
+Each NAME is a DVC experiment (an arm: e.g. ref-baseline, ref-distill, ref-upcycle from `make reference`),
+LABEL what the row calls it. Rows: bicubic, the teacher, then the student of every arm; columns:
+PSNR / SSIM / LPIPS (null -> n/a) per evaluated set (extra sets such as Set5 or Manga109 first, the
+validation split last; an arm without a set shows n/a), parameters, ms per 1080p frame. Below the
+table: each arm's student PSNR against the first arm's, training time, and the command that made each
+arm (the `-S` values all arms share, then each arm's own, both against the workspace's params.yaml).
+With --readme, the table replaces what stands between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import re
 import sys
 from pathlib import Path
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+import yaml
 
 
-def experiment_metrics(names: list[str]) -> dict[str, dict]:
-    """name -> {eval.json key: value} for each named experiment, whatever commit it was based on."""
+def markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+
+
+def experiment_rows(names: list[str]) -> dict[str, dict]:
+    """name -> {column: value} (metrics and params, file prefixes dropped) for each named experiment."""
     import dvc.api
 
     rows = dvc.api.exp_show(num=-1)
@@ -35,26 +42,74 @@ def experiment_metrics(names: list[str]) -> dict[str, dict]:
     return found
 
 
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _fmt(value, digits: int) -> str:
     if value is None or value == "" or value == "-":
         return "n/a"
     return f"{float(value):.{digits}f}"
 
 
-def sets_of(metrics: dict) -> list[str]:
-    """Evaluated sets, extra sets first (Set5, ...), then the validation split."""
-    sets = {k.split(".")[0] for k in metrics if re.fullmatch(r"[^.]+\.student\.psnr", k)}
+def _num(value) -> float | None:
+    try:
+        return None if value in (None, "", "-") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def sets_of(arms: list[dict]) -> list[str]:
+    """Evaluated sets of any arm, extra sets first (Manga109, Set5, ...), then the validation split."""
+    sets = {k.split(".")[0] for m in arms for k in m if re.fullmatch(r"[^.]+\.student\.psnr", k)}
     return sorted(sets - {"valid"}) + (["valid"] if "valid" in sets else [])
 
 
-def build_table(distilled: dict, baseline: dict, names: tuple[str, str]) -> str:
-    sets = sets_of(distilled)
-    teacher = distilled.get("teacher.architecture") or "teacher"
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    text = str(v)
+    return f"'{text}'" if any(c in text for c in " []{}:,") else text
+
+
+def param_changes(metrics: dict, defaults: dict) -> dict[str, str]:
+    """`-S` arguments (key -> 'key=value' text) that turn the workspace's params.yaml into this arm's."""
+    changes = {}
+    for key, default in defaults.items():
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if isinstance(default, list | tuple) and isinstance(value, list | tuple):
+            same = list(value) == list(default)
+        else:
+            same = value == default
+        if not same:
+            changes[key] = f"{key}={_value(value)}"
+    for key, value in metrics.items():  # keys params.yaml lacks, e.g. eval.sets.Set5 (added with ++)
+        if key.startswith("eval.sets.") and key not in defaults and value not in (None, ""):
+            changes[key] = f"++{key}={_value(value)}"
+    return changes
+
+
+def build_table(arms: list[tuple[str, str, dict]], defaults: dict | None = None) -> str:
+    """arms: (experiment name, label, its columns); the first arm is the one the others are compared with."""
+    metrics = [m for _, _, m in arms]
+    sets = sets_of(metrics)
+    first = metrics[0]
+    with_teacher = next((m for m in metrics if any(_num(m.get(f"{s}.teacher.psnr")) for s in sets)), first)
+    teacher = with_teacher.get("teacher.architecture") or "teacher"
     rows = [
-        ("bicubic (the degraded input)", distilled, "bicubic"),
-        (f"teacher ({teacher})", distilled, "teacher"),
-        (f"student, distilled (`{names[0]}`)", distilled, "student"),
-        (f"student, no distillation (`{names[1]}`)", baseline, "student"),
+        ("bicubic (the degraded input)", first, "bicubic"),
+        (f"teacher ({teacher})", with_teacher, "teacher"),
+        *((f"student, {label} (`{name}`)", m, "student") for name, label, m in arms),
     ]
     header = ["method"] + [f"{s} PSNR / SSIM / LPIPS" for s in sets] + ["params", "ms / 1080p frame"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -64,54 +119,90 @@ def build_table(distilled: dict, baseline: dict, names: tuple[str, str]) -> str:
             f"{_fmt(m.get(f'{s}.{method}.lpips'), 3)}"
             for s in sets
         ]
-        params = m.get(f"{method}.params")
-        ms = m.get(f"{method}.ms_1080p")
-        cells += [f"{int(params):,}" if params not in (None, "", "-") else "", _fmt(ms, 0)]
+        params = _num(m.get(f"{method}.params"))
+        cells += [f"{int(params):,}" if params is not None else "", _fmt(m.get(f"{method}.ms_1080p"), 0)]
         lines.append("| " + " | ".join([label, *cells]) + " |")
-    gains = ", ".join(
-        f"{float(distilled[f'{s}.student.psnr']) - float(baseline[f'{s}.student.psnr']):+.2f} dB on {s}"
-        for s in sets
-    )
-    minutes = [m.get("seconds") for m in (distilled, baseline)]
+
+    base_name = arms[0][0]
     lines.append("")
-    lines.append(f"Distillation against no distillation (student PSNR): {gains}.")
-    if all(isinstance(t, int | float) for t in minutes) and isinstance(distilled.get("steps"), int | float):
+    if len(arms) > 1:
+        lines.append(f"Student PSNR against `{base_name}`:")
+        lines.append("")
+        for name, _, m in arms[1:]:
+            gains = []
+            for s in sets:
+                a, b = _num(m.get(f"{s}.student.psnr")), _num(first.get(f"{s}.student.psnr"))
+                gains.append(f"{a - b:+.2f} dB on {s}" if a is not None and b is not None else f"n/a on {s}")
+            lines.append(f"- `{name}`: {', '.join(gains)}")
+        lines.append("")
+    times = [(name, _num(m.get("seconds")), _num(m.get("steps"))) for name, _, m in arms]
+    if all(t is not None and n is not None for _, t, n in times):
+        spent = ", ".join(f"{t / 60:.0f} min (`{name}`)" for name, t, _ in times)
+        steps = {int(n) for _, _, n in times}
+        each = f"{steps.pop():,} steps each" if len(steps) == 1 else "steps differ"
+        lines.append(f"Training time: {spent}; {each}.")
+        lines.append("")
+    if defaults is not None:
+        changes = [param_changes(m, defaults) for m in metrics]
+        common = [v for k, v in changes[0].items() if all(c.get(k) == v for c in changes[1:])]
+        lines.append("Made by `dvc exp run --queue -n NAME` with, for every arm:")
+        lines.append("")
         lines.append(
-            f"Training time: {minutes[0] / 60:.0f} min (distilled) and {minutes[1] / 60:.0f} min (baseline), "
-            f"{int(distilled['steps']):,} steps each."
+            "`" + " ".join(f"-S {c}" for c in common) + "`" if common else "(nothing but params.yaml)"
         )
-    device = distilled.get("timing.device") or "?"
-    threads = distilled.get("timing.torch_threads")
-    threads = int(threads) if isinstance(threads, int | float) else "?"
-    lines.append("")
+        lines.append("")
+        lines.append("and for each arm:")
+        lines.append("")
+        for (name, _, _), change in zip(arms, changes, strict=True):
+            own = [v for v in change.values() if v not in common]
+            lines.append(f"- `{name}`: " + (" ".join(f"`-S {c}`" for c in own) if own else "nothing more"))
+        lines.append("")
+    device = first.get("timing.device") or "?"
+    threads = _num(first.get("timing.torch_threads"))
+    threads = int(threads) if threads is not None else "?"
     lines.append(
         f"PSNR/SSIM: Y channel, border of `data.scale` cropped (pyiqa); ms on {device}, {threads} torch threads."
     )
     return "\n".join(lines)
 
 
-def replace_block(text: str, table: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"error: README has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}\n{END}{tail}"
+def replace_block(text: str, table: str, block: str = "results") -> str:
+    start, end = markers(block)
+    if start not in text or end not in text:
+        raise SystemExit(f"error: README has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
+
+
+def parse_arm(spec: str) -> tuple[str, str]:
+    name, _, label = spec.partition("=")
+    if not name:
+        raise SystemExit(f"error: {spec!r}: give NAME=LABEL")
+    return name, label or name
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("distilled")
-    ap.add_argument("baseline")
+    ap.add_argument("arms", nargs="+", metavar="NAME=LABEL", help="DVC experiment and its row label")
     ap.add_argument("--readme", type=Path, help="write the table into this file between the markers")
+    ap.add_argument(
+        "--block", default="results", help="marker name: <!-- BLOCK:start --> ... <!-- BLOCK:end -->"
+    )
+    ap.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="the defaults the commands start from"
+    )
     args = ap.parse_args()
-    metrics = experiment_metrics([args.distilled, args.baseline])
-    table = build_table(metrics[args.distilled], metrics[args.baseline], (args.distilled, args.baseline))
+    arms = [parse_arm(a) for a in args.arms]
+    found = experiment_rows([n for n, _ in arms])
+    defaults = flat(yaml.safe_load(args.params.read_text())) if args.params.is_file() else None
+    table = build_table([(n, label, found[n]) for n, label in arms], defaults)
     print(table)
     if args.readme:
         from sharpkd.files import write_text
 
-        write_text(args.readme, replace_block(args.readme.read_text(), table))
-        print(f"wrote the table into {args.readme}")
+        write_text(args.readme, replace_block(args.readme.read_text(), table, args.block))
+        print(f"wrote the table into {args.readme} ({args.block} block)")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import shutil
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,6 @@ TINY = {
     "data": {
         "scale": 2,
         "patch_size": 32,
-        "patches_per_image": 6,
         "valid_max_side": 96,
         "samples": {"valid_count": 2},
     },
@@ -33,6 +33,30 @@ TINY = {
     "infer": {"tile": 64, "overlap": 8},
     "tracking": {"enabled": False},
 }
+
+
+def git_repo_copy(dest: Path, params: dict, env: dict[str, str]) -> Path:
+    """A git repository at `dest` holding this working tree's files (tracked and new, not ignored:
+    what a developer is testing) with `params` as params.yaml and no dvc.lock, committed."""
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git_env = {**env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
+    git_env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "test profile"]):
+        subprocess.run(["git", *cmd], cwd=dest, env=git_env, check=True, capture_output=True)
+    return dest
 
 
 def deep_update(base: dict, new: dict) -> dict:

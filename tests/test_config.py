@@ -98,7 +98,7 @@ def test_flatten_gives_dvc_dotted_keys():
         ({"data": {"folder": {"train": 12}}}, "'data.folder.train'", "a string"),
         # bool is not an int, an int is not a bool
         ({"seed": True}, "'seed'", "an integer"),
-        ({"data": {"patches_per_image": False}}, "'data.patches_per_image'", "an integer"),
+        ({"data": {"teacher_only_max_side": False}}, "'data.teacher_only_max_side'", "an integer"),
         ({"distill": {"amp": 1}}, "'distill.amp'", "true or false"),
         ({"distill": {"lr": True}}, "'distill.lr'", "a number"),
         # Literal values: the allowed ones are listed, and type matters (4.0 and true are not 4)
@@ -124,6 +124,27 @@ def test_flatten_gives_dvc_dotted_keys():
         ({"infer": {"tile": 64, "overlap": 32}}, "'infer.overlap'", "less than half"),
         ({"data": {"source": "folder"}}, "'data.folder.train'", "folder of images"),
         ({"teacher": {"source": "checkpoint"}}, "'teacher.checkpoint'", "file path"),
+        # teacher-only data and the no-teacher baseline: a knob that would be ignored is an error
+        ({"distill": {"unlabeled_fraction": 0.25}}, "'distill.unlabeled_fraction'", "no teacher-only data"),
+        ({"data": {"upcycle": ["zoom_in"]}}, "'distill.unlabeled_fraction' is 0", "never trained on"),
+        ({"data": {"unlabeled": "/x"}}, "data.unlabeled given", "never trained on"),
+        ({"data": {"upcycle": ["zoom_in", "zoom_in"]}}, "'data.upcycle'", "twice"),
+        ({"data": {"upcycle": ["zoom"]}}, "'data.upcycle[0]'", "'zoom_in', 'zoom_out'"),
+        ({"distill": {"teacher": False}}, "'distill.teacher' is false", "loss.kd=1.0"),
+        (
+            {"distill": {"teacher": False}, "loss": {"kd": 0.0, "perceptual": 0.1}},
+            "'distill.teacher' is false",
+            "loss.perceptual_target=teacher",
+        ),
+        (
+            {
+                "distill": {"teacher": False, "unlabeled_fraction": 0.5},
+                "loss": {"kd": 0.0},
+                "data": {"upcycle": ["zoom_out"]},
+            },
+            "'distill.teacher' is false",
+            "distill.unlabeled_fraction=0.5",
+        ),
     ],
 )
 def test_bad_params_name_the_key(override, key, says):
@@ -133,6 +154,19 @@ def test_bad_params_name_the_key(override, key, says):
     assert key in message and says in message, message
     assert message.count("\n") == 0  # one line: run_stage prints it as is
     assert isinstance(err.value, UserError)
+
+
+def test_teacher_only_and_baseline_params_that_fit():
+    p = params_from_dict(
+        _with(data={"upcycle": ["zoom_in", "zoom_out"]}, distill={"unlabeled_fraction": 0.25})
+    )
+    assert p.data.upcycle == ("zoom_in", "zoom_out") and p.distill.unlabeled_fraction == 0.25
+    # The no-teacher baseline: no term that needs the teacher.
+    p = params_from_dict(_with(distill={"teacher": False}, loss={"kd": 0.0, "feature": 0.0}))
+    assert p.distill.teacher is False
+    # A folder is not looked at when params load (sharpkd sharpen / ui load params too): degrade checks it.
+    p = params_from_dict(_with(data={"unlabeled": "/no/such/folder"}, distill={"unlabeled_fraction": 0.5}))
+    assert p.data.unlabeled == "/no/such/folder"
 
 
 def test_top_level_not_a_mapping(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 from helpers import SHARED, degradation_params, run_degrade, run_download, tiny_params
 from sharpkd.data.degradation import (
     apply_degradation,
+    center_crop,
     crop_to_multiple,
     degrade_image,
     draw_degradation,
@@ -190,9 +191,7 @@ def _raw(root: Path, train_sizes, valid_sizes, names=None) -> Path:
 
 
 def _params(**deg):
-    return tiny_params(
-        seed=3, data={"patches_per_image": 5}, degradation={**ALL_ON, "jpeg_quality": [60, 90], **deg}
-    )
+    return tiny_params(seed=3, degradation={**ALL_ON, "jpeg_quality": [60, 90], **deg})
 
 
 @pytest.fixture(scope="module")
@@ -214,52 +213,71 @@ def _files(folder: Path) -> dict[str, bytes]:
     }
 
 
+def _flat_images(out: Path, key: str, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """The whole images stored one after another in a flat train_<key>.npy / extra_<key>.npy."""
+    flat = np.load(out / f"{key}.npy", mmap_mode="r")
+    assert isinstance(flat, np.memmap) and flat.ndim == 1 and flat.dtype == np.uint8
+    assert len(flat) == sum(h * w * 3 for h, w in sizes)
+    images, at = [], 0
+    for h, w in sizes:
+        images.append(np.asarray(flat[at : at + h * w * 3]).reshape(h, w, 3))
+        at += h * w * 3
+    return images
+
+
+def _record(row) -> dict:
+    return {
+        "jpeg_quality": None if pd.isna(row.jpeg_quality) else int(row.jpeg_quality),
+        "blur_sigma": row.blur_sigma,
+        "noise_sigma": row.noise_sigma,
+        "noise_seed": None if pd.isna(row.noise_seed) else int(row.noise_seed),
+    }
+
+
 def test_pairs_layout_and_shapes(pairs, raw):
     out, summary = pairs
-    s, p, per = 2, 32, 5
-    hr, lr, inp = (np.load(out / f"train_{k}.npy", mmap_mode="r") for k in ("hr", "lr", "input"))
-    assert isinstance(hr, np.memmap)
-    n = 2 * per  # t2 (20x50) is skipped
-    assert hr.shape == inp.shape == (n, p, p, 3) and lr.shape == (n, p // s, p // s, 3)
-    assert hr.dtype == lr.dtype == inp.dtype == np.uint8
-    assert (
-        summary["train_patches"] == n and summary["train_images"] == 2 and summary["skipped_small"] == ["t2"]
-    )
+    s, p = 2, 32
+    assert summary["train_images"] == 2 and summary["skipped_small"] == ["t2"]  # t2 (20x50) is too small
     assert json.loads((out / "pairs.json").read_text()) == summary
     assert summary["scale"] == s and summary["patch_size"] == p and summary["seed"] == 3
+    assert summary["teacher_only_images"] == 0 and not (out / "extra_manifest.csv").exists()
 
     man = pd.read_csv(out / "train_manifest.csv", dtype={"image": str})
     assert list(man.columns) == [
         "index",
         "image",
-        "x",
-        "y",
-        "size",
+        "width",
+        "height",
         "jpeg_quality",
         "blur_sigma",
         "noise_sigma",
         "noise_seed",
     ]
-    assert man["index"].tolist() == list(range(n)) and (man["size"] == p).all()
-    assert man.image.tolist() == ["t0"] * per + ["t1"] * per
-    images = {name: read_rgb(raw / "train" / f"{name}.png")[0] for name in ("t0", "t1")}
+    assert man["index"].tolist() == [0, 1] and man.image.tolist() == ["t0", "t1"]
+    # Whole images, cropped to a multiple of the scale: t0 48x64 stays, t1 40x37 becomes 40x36.
+    assert list(zip(man.height, man.width, strict=True)) == [(48, 64), (40, 36)]
+    sizes = list(zip(man.height, man.width, strict=True))
+    hr = _flat_images(out, "train_hr", sizes)
+    inp = _flat_images(out, "train_input", sizes)
+    lr = _flat_images(out, "train_lr", [(h // s, w // s) for h, w in sizes])
+    assert summary["train_pixels"] == sum(h * w for h, w in sizes)
     deg = _params().degradation
     for row in man.itertuples():
-        # The crop box is where the patch came from.
-        np.testing.assert_array_equal(hr[row.index], images[row.image][row.y : row.y + p, row.x : row.x + p])
-        np.testing.assert_array_equal(lr[row.index], resize(np.asarray(hr[row.index]), (p // s, p // s)))
+        i = row.index
+        np.testing.assert_array_equal(
+            hr[i], read_rgb(raw / "train" / f"{row.image}.png")[0][: row.height, : row.width]
+        )
+        np.testing.assert_array_equal(lr[i], resize(hr[i], (row.width // s, row.height // s)))
         # The record is the exact degradation: replaying it gives the same bytes.
-        record = {
-            "jpeg_quality": None if pd.isna(row.jpeg_quality) else int(row.jpeg_quality),
-            "blur_sigma": row.blur_sigma,
-            "noise_sigma": row.noise_sigma,
-            "noise_seed": None if pd.isna(row.noise_seed) else int(row.noise_seed),
-        }
-        replay = resize(apply_degradation(np.asarray(lr[row.index]), record), (p, p), deg.upscale)
-        np.testing.assert_array_equal(inp[row.index], replay)
+        record = _record(row)
+        np.testing.assert_array_equal(
+            inp[i], resize(apply_degradation(lr[i], record), (row.width, row.height), deg.upscale)
+        )
         assert 60 <= record["jpeg_quality"] <= 90 and record["noise_seed"] is not None
+    # One degradation per image, each drawn from its own seed: the two images got different ones.
+    assert man.noise_seed.nunique() == 2
     # The CSV holds integers, not 85.0.
-    assert "." not in (out / "train_manifest.csv").read_text().splitlines()[1].split(",")[5]
+    assert "." not in (out / "train_manifest.csv").read_text().splitlines()[1].split(",")[4]
 
 
 def test_validation_images(pairs, raw):
@@ -307,19 +325,28 @@ def test_same_seed_same_bytes(pairs, raw, tmp_path):
     run_degrade(_params(), raw, tmp_path / "again")
     first, again = _files(out), _files(tmp_path / "again")
     assert first.keys() == again.keys() and first == again
-    run_degrade(tiny_params(seed=4, data={"patches_per_image": 5}, degradation={**ALL_ON, "jpeg_quality": [60, 90]}), raw, tmp_path / "other")  # fmt: skip
+    run_degrade(
+        tiny_params(seed=4, degradation={**ALL_ON, "jpeg_quality": [60, 90]}), raw, tmp_path / "other"
+    )
     other = _files(tmp_path / "other")
-    for key in ("train_hr.npy", "train_input.npy", "train_manifest.csv", "valid/input/v0.png"):
+    assert other["train_hr.npy"] == first["train_hr.npy"]  # whole images: the seed draws no crop position
+    for key in ("train_input.npy", "train_manifest.csv", "valid/input/v0.png"):
         assert other[key] != first[key], key
 
 
 def test_scale_4_and_3(raw, tmp_path):
     for scale, patch in ((4, 32), (3, 33)):
-        summary = run_degrade(tiny_params(data={"scale": scale, "patch_size": patch, "patches_per_image": 2}), raw, tmp_path / f"x{scale}")  # fmt: skip
-        lr = np.load(tmp_path / f"x{scale}" / "train_lr.npy")
-        assert lr.shape[1:] == (patch // scale, patch // scale, 3) and summary["scale"] == scale
-        man = pd.read_csv(tmp_path / f"x{scale}" / "valid_manifest.csv")
-        assert (man.width % scale == 0).all() and (man.height % scale == 0).all()
+        out = tmp_path / f"x{scale}"
+        summary = run_degrade(tiny_params(data={"scale": scale, "patch_size": patch}), raw, out)
+        assert summary["scale"] == scale and summary["patch_size"] == patch
+        for name in ("train_manifest.csv", "valid_manifest.csv"):
+            man = pd.read_csv(out / name)
+            assert (man.width % scale == 0).all() and (man.height % scale == 0).all()
+        man = pd.read_csv(out / "train_manifest.csv")
+        lr = np.load(out / "train_lr.npy")
+        assert len(lr) == sum(
+            h // scale * (w // scale) * 3 for h, w in zip(man.height, man.width, strict=True)
+        )
 
 
 def test_small_images_skipped_and_counted(capsys, raw, tmp_path):
@@ -349,9 +376,133 @@ def test_missing_raw_manifest(tmp_path):
 def test_numeric_names_survive(tmp_path):
     """DIV2K-style names ("0001") stay names through the CSV, not the numbers 1."""
     raw = _raw(tmp_path, [(40, 40), (40, 40)], [(20, 20)], names=["0001", "0002"])
-    summary = run_degrade(tiny_params(data={"patches_per_image": 1}), raw, tmp_path / "pairs")
+    summary = run_degrade(tiny_params(), raw, tmp_path / "pairs")
     assert summary["train_images"] == 2
     assert pd.read_csv(tmp_path / "pairs" / "train_manifest.csv", dtype={"image": str}).image.tolist() == [
         "0001",
         "0002",
     ]
+
+
+# --------------------------------------------------------------------------- teacher-only inputs
+
+
+def _teacher_only_params(folder: Path | str = "", upcycle=("zoom_in", "zoom_out"), max_side=40, **extra):
+    return tiny_params(
+        seed=3,
+        degradation=ALL_OFF,
+        data={"unlabeled": str(folder), "upcycle": list(upcycle), "teacher_only_max_side": max_side},
+        distill={"unlabeled_fraction": 0.25},
+        **extra,
+    )
+
+
+def _unlabeled_folder(root: Path) -> Path:
+    """LR images without HR: two usable (one in a subfolder, one JPEG), one too small, one corrupt, one text file."""
+    folder = root / "unlabeled"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(_photo(20, 30, 7)).save(folder / "a.png")
+    Image.fromarray(_photo(18, 17, 8)).save(folder / "sub" / "b.jpg", quality=90)
+    Image.fromarray(_photo(10, 40, 9)).save(folder / "c.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_teacher_only_inputs(raw, tmp_path):
+    """Unlabeled images as they are, zoom-in (HR as teacher input), zoom-out (LR downscaled again), each listed."""
+    folder = _unlabeled_folder(tmp_path)
+    out = tmp_path / "pairs"
+    summary = run_degrade(_teacher_only_params(folder), raw, out)
+    man = pd.read_csv(out / "extra_manifest.csv", dtype={"image": str})
+    assert list(man.columns) == ["index", "kind", "image", "origin", "height", "width"]
+    # zoom_out of t0 (LR 24x32 -> 12x16) and t1 (LR 20x18 -> 10x9) is under the 16-pixel LR crop: skipped.
+    assert list(zip(man.kind, man.image, strict=True)) == [
+        ("unlabeled", "a.png"),
+        ("unlabeled", "sub/b.jpg"),
+        ("zoom_in", "t0"),
+        ("zoom_in", "t1"),
+    ]
+    assert summary["teacher_only"] == {"unlabeled": 2, "zoom_in": 2} and summary["teacher_only_images"] == 4
+    skipped = " ".join(summary["teacher_only_skipped"])
+    assert "c.png: 40x10" in skipped and "bad.png: unreadable" in skipped and "zoom_out t0" in skipped
+    assert "notes.txt" not in skipped
+
+    sizes = list(zip(man.height, man.width, strict=True))
+    t_in = _flat_images(out, "extra_lr", sizes)
+    s_in = _flat_images(out, "extra_input", [(2 * h, 2 * w) for h, w in sizes])
+    hr = {n: read_rgb(raw / "train" / f"{n}.png")[0] for n in ("t0", "t1")}
+    expected = [
+        read_rgb(folder / "a.png")[0],
+        read_rgb(folder / "sub" / "b.jpg")[0],
+        center_crop(hr["t0"][:48, :64], 40),  # max side 40: the centre 40x40 of the HR image
+        center_crop(hr["t1"][:40, :36], 40),
+    ]
+    for got, want, student in zip(t_in, expected, s_in, strict=True):
+        np.testing.assert_array_equal(got, want)
+        # The student sees the teacher's input brought up by degradation.upscale, nothing else done to it.
+        np.testing.assert_array_equal(
+            student, resize(want, (want.shape[1] * 2, want.shape[0] * 2), "bicubic")
+        )
+
+
+def test_zoom_out_input(raw, tmp_path):
+    out = tmp_path / "pairs"
+    params = tiny_params(
+        seed=3,
+        degradation=ALL_OFF,
+        data={"upcycle": ["zoom_out"], "patch_size": 16},
+        distill={"unlabeled_fraction": 0.5},
+    )
+    run_degrade(params, raw, out)
+    man = pd.read_csv(out / "extra_manifest.csv", dtype={"image": str})
+    # t0: HR 48x64 -> LR 24x32 -> 12x16; t1: HR 40x36 -> LR 20x18 -> 10x9 (at least 8 = 16 / 2 per side)
+    assert list(zip(man.image, man.height, man.width, strict=True)) == [("t0", 12, 16), ("t1", 10, 9)]
+    t_in = _flat_images(out, "extra_lr", [(12, 16), (10, 9)])
+    lr0 = resize(read_rgb(raw / "train" / "t0.png")[0][:48, :64], (32, 24))
+    np.testing.assert_array_equal(t_in[0], resize(lr0, (16, 12)))
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "unreadable", "too_small"])
+def test_bad_unlabeled_folder_fails_before_any_work(case, raw, tmp_path, monkeypatch):
+    import sharpkd.stages.degrade as stage
+
+    folder = tmp_path / "footage"
+    if case == "file":
+        folder.write_text("x")
+    elif case != "missing":
+        folder.mkdir()
+        (folder / "readme.txt").write_text("no images here")
+        if case == "unreadable":
+            (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        if case == "too_small":
+            Image.fromarray(_photo(8, 8, 1)).save(folder / "tiny.png")
+
+    def no_work(*a, **k):
+        raise AssertionError("degrade started working before checking data.unlabeled")
+
+    monkeypatch.setattr(stage, "degrade_image", no_work)
+    monkeypatch.setattr(stage, "read_rgb", no_work)
+    out = tmp_path / "pairs"
+    with pytest.raises(UserError) as err:
+        run_degrade(_teacher_only_params(folder, upcycle=()), raw, out)
+    message = str(err.value)
+    assert "data.unlabeled" in message and str(folder) in message, message
+    says = {
+        "missing": "not found",
+        "file": "not a folder",
+        "empty": "holds no image files",
+        "unreadable": "no usable image",
+        "too_small": "no usable image",
+    }[case]
+    assert says in message, message
+    assert not out.exists()
+
+
+def test_teacher_only_size_is_bounded(raw, tmp_path):
+    out = tmp_path / "pairs"
+    with pytest.raises(UserError) as err:
+        run_degrade(_teacher_only_params(upcycle=["zoom_in"], max_side=0, cache={"max_gb": 1e-6}), raw, out)
+    message = str(err.value)
+    assert "cache.max_gb=1e-06" in message and "data.teacher_only_max_side" in message and "GB" in message
+    assert not out.exists()

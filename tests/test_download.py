@@ -630,7 +630,8 @@ def test_stage_scripts_in_a_repo_copy(tmp_path):
         proc = run(stage)
         assert proc.returncode == 0, proc.stderr[-3000:]
     _check_raw(repo / "data" / "raw")
-    assert np.load(repo / "data" / "pairs" / "train_hr.npy", mmap_mode="r").shape[1:] == (32, 32, 3)
+    assert '"patch_size": 32' in (repo / "data" / "pairs" / "pairs.json").read_text()
+    assert np.load(repo / "data" / "pairs" / "train_hr.npy", mmap_mode="r").ndim == 1  # whole images, flat
 
     bad = deep_update(repo_params_dict(), TINY)
     bad["data"]["patch_sise"] = 48
@@ -640,3 +641,31 @@ def test_stage_scripts_in_a_repo_copy(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "unknown key 'data.patch_sise'" in proc.stderr and "patch_size" in proc.stderr
     _check_raw(repo / "data" / "raw")  # the earlier output is intact
+
+
+def test_folder_source_with_a_file_name_that_is_not_utf8(tmp_path):
+    """A 16-bit PNG named with a byte that is not UTF-8 (OpenCV segfaulted on such names, leaving the
+    temporary folder behind): the stage, run as DVC runs it (a subprocess, so a crash fails only this
+    test), reads it and records the name escaped."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    ok, buf = cv2.imencode(".png", np.random.default_rng(0).integers(0, 65536, (40, 48, 3), dtype=np.uint16))
+    (photos / os.fsdecode(b"bad\xff.png")).write_bytes(buf.tobytes())
+    for i in (1, 2):
+        Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(photos / f"good{i}.png")
+    params = deep_update(repo_params_dict(), TINY)
+    params["data"].update(source="folder", folder={"train": str(photos), "valid": ""})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sharpkd.stages.download"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-3000:]}"
+    manifest = pd.read_csv(tmp_path / "data/raw/manifest.csv")
+    row = manifest[manifest["name"] == "bad\\xff"].iloc[0]
+    assert row["origin"] == f"{photos}/bad\\xff.png" and "16-bit scaled to 8-bit" in row["note"]
+    assert (tmp_path / "data/raw" / row["split"] / "bad\\xff.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]  # no temporary folder left

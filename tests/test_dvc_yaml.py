@@ -3,7 +3,7 @@
 - deps: every sharpkd module a stage's module imports, directly or not (imports inside functions
   included), is a file listed in the stage's `deps` or lies in a folder listed there.
 - params: every params key the stage's `run()` reads, recorded while the real stages run on a tiny
-  profile, is covered by the stage's `params`.
+  profile, is covered by the stage's `params` (or by params.yaml itself as a file dependency).
 
 Exempt from both: the MLflow wiring (sharpkd.tracking, tracking.* params). It records what a stage
 did but never changes its outputs; listing it would rerun the whole pipeline when only the
@@ -28,7 +28,7 @@ from sharpkd.config import Params, flatten
 SRC = REPO / "src"
 EXEMPT_MODULES = ("sharpkd.tracking",)
 EXEMPT_PARAMS = ("tracking",)
-STAGES = ["download", "degrade", "teacher", "cache_teacher", "distill", "evaluate", "export"]
+STAGES = ["check_params", "download", "degrade", "teacher", "cache_teacher", "distill", "evaluate", "export"]
 
 
 def dvc_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> dict:
@@ -127,6 +127,13 @@ def test_deps_list_no_code_the_stage_does_not_import(stage):
         assert used, f"dvc.yaml stage {stage!r} lists {dep}, which it does not import"
 
 
+def test_check_params_runs_on_any_edit_of_params_yaml():
+    """The first stage depends on the file, not on keys, so `dvc repro` validates every edit of it."""
+    spec = dvc_stages()["check_params"]
+    assert "params.yaml" in spec["deps"] and not spec.get("params")
+    assert not any(spec.get(k) for k in ("outs", "metrics", "plots")), "a check writes nothing"
+
+
 def test_declared_params_exist():
     known = set(flatten(tiny_params()))
     for name, spec in dvc_stages().items():
@@ -187,8 +194,11 @@ def params_read(tmp_path_factory) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_params_cover_every_key_read(stage, params_read):
-    declared = dvc_stages()[stage].get("params", [])
+    spec = dvc_stages()[stage]
+    declared = spec.get("params", [])
     read = {k for k in params_read[stage] if not k.startswith(EXEMPT_PARAMS)}
     assert read, f"{stage} read no params at all: the recording does not work"
+    if "params.yaml" in spec.get("deps", []):
+        return  # the whole file is a dependency: any edit of any key reruns the stage
     missing = sorted(k for k in read if not any(k == d or k.startswith(d + ".") for d in declared))
     assert not missing, f"dvc.yaml stage {stage!r}: params miss keys its code reads: {missing}"

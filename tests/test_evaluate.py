@@ -21,10 +21,11 @@ from helpers import (
     stage_paths,
     tiny_params,
 )
+from sharpkd.data.evalsets import extra_set_images
 from sharpkd.errors import UserError
 from sharpkd.images import save_image
 from sharpkd.stages import evaluate
-from sharpkd.stages.evaluate import METHODS, SetResult, extra_set_images, score_set
+from sharpkd.stages.evaluate import METHODS, SetResult, score_set
 
 torch.set_num_threads(1)
 

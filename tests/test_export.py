@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import NullTracker, tiny_params
+from helpers import NullTracker, make_pairs, tiny_params
 from sharpkd.errors import UserError
 from sharpkd.export import export_onnx
 from sharpkd.models.student import Student, save_student
@@ -73,7 +73,7 @@ def workspace(tmp_path):
 
 
 def _export(ws, **export_params):
-    params = tiny_params(data={"scale": 2}, export={"speed_repeats": 1, **export_params})
+    params = tiny_params(data={"scale": 2}, export={"speed_repeats": 1, "int8": False, **export_params})
     tracker = RecordingTracker()
     metrics = export_stage.run(params, StagePaths.under(ws), tracker)
     return metrics, tracker
@@ -168,3 +168,21 @@ def test_fp16_onnx_runs_close_to_fp32(tmp_path):
     out = session.run(None, {"input": x.numpy().astype(np.float16)})[0]
     with torch.no_grad():
         assert np.abs(out.astype(np.float32) - student(x).numpy()).max() < 1e-2
+
+
+def test_int8_model_is_calibrated_timed_and_scored(workspace):
+    """export.int8: student_int8.onnx from training-input crops; its speed beside float32 and its quality cost."""
+    from sharpkd.runtime import load_model
+
+    make_pairs(workspace, tiny_params(data={"scale": 2}))  # real training inputs and validation images
+    metrics, _ = _export(workspace, fp16=False, int8=True, int8_calibration=8)
+    int8 = workspace / "models/export/student_int8.onnx"
+    assert int8.is_file()
+    assert metrics["int8.calibration_images"] == 8 and json.loads(metrics["int8.quantized_ops"])["Conv"] == 3
+    # The tiny student barely differs from its input, so INT8 costs next to nothing here.
+    assert metrics["int8.valid.psnr_fp32"] > 20 and abs(metrics["int8.valid.psnr_cost"]) < 0.2
+    assert metrics["speed.onnx_int8_cpu.ms_1080p"] > 0 and metrics["speed.int8_speedup"] > 0
+    # What sharpkd sharpen runs: the INT8 file loads like any exported model and agrees with float32.
+    x = torch.rand(1, 3, 37, 29)  # noise: further from the calibration crops than any photo
+    fp32 = load_model(workspace / "models/export/student.onnx")
+    assert (load_model(int8).apply(x, 64, 8) - fp32.apply(x, 64, 8)).abs().mean() < 0.01

@@ -129,6 +129,16 @@ def hub(tmp_path, monkeypatch):
     return tmp_path / "torch" / "hub"
 
 
+def test_lpips_reason_does_not_record_the_home_path(tmp_path, hub, monkeypatch):
+    """The reason goes into eval.json, the model card and MLflow: the account's home is written ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SHARPKD_WEIGHTS_DIR", raising=False)
+    with lpips_from_empty_server(tmp_path / "empty_site", monkeypatch):
+        m = QualityMetrics(4, lpips=True)  # weights.dir "": ~/.cache/sharpkd/weights
+    assert "weights.dir (~/.cache/sharpkd/weights)" in m.lpips_reason
+    assert str(tmp_path) not in m.lpips_reason
+
+
 def test_lpips_null_with_reason_when_weights_missing(tmp_path, hub, monkeypatch):
     # The real URLs, but pointed at a local server that has nothing: no internet is touched.
     with lpips_from_empty_server(tmp_path / "empty_site", monkeypatch):

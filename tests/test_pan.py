@@ -10,8 +10,10 @@ import torch
 
 from helpers import SHARED, make_pairs, run_cache_teacher, run_teacher, serve_folder, tiny_params
 from sharpkd import fetch
+from sharpkd.data.datasets import TrainPatches
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
+from sharpkd.inference import run_tiled
 from sharpkd.models import count_params
 from sharpkd.models.pan import DEFAULT_FEATURE_LAYERS, PAN
 from sharpkd.models.teacher import load_teacher
@@ -71,19 +73,16 @@ def test_build_teacher_pan_then_cache(pairs, tmp_path):
     assert model(torch.rand(1, 3, 10, 12)).shape == (1, 3, 20, 24)
 
     summary = run_cache_teacher(params, pairs, tmp_path / "teacher", tmp_path / "cache")
-    lr = np.load(pairs / "train_lr.npy", mmap_mode="r")
-    out = np.load(tmp_path / "cache" / "train_out.npy", mmap_mode="r")
-    feat = np.load(tmp_path / "cache" / "train_feat.npy", mmap_mode="r")
+    train = TrainPatches(pairs, tmp_path / "cache", keys=("lr", "teacher", "feat")).pools[0]
     # trunk_conv has 40 channels on the LR grid, PCA-reduced to teacher.feature_channels.
     assert summary["feature_channels_full"] == 40 and summary["feature_channels"] == 4
-    assert feat.shape == (len(lr), 4, *lr.shape[1:3]) and feat.dtype == np.float16
-    assert np.isfinite(feat.astype(np.float32)).all()
-    assert out.shape == (len(lr), lr.shape[1] * 2, lr.shape[2] * 2, 3)
-    # The cached output of a patch is the real PAN applied to that LR patch.
-    x = torch.from_numpy(np.array(lr[0])).permute(2, 0, 1)[None].float() / 255
-    with torch.no_grad():
-        again = model(x).clamp(0, 1).mul(255).round().byte()[0].permute(1, 2, 0).numpy()
-    assert np.abs(again.astype(int) - out[0].astype(int)).max() <= 1
+    lr, out, feat = train.image("lr", 0), train.image("teacher", 0), train.image("feat", 0)
+    assert feat.shape == (*lr.shape[:2], 4) and feat.dtype == np.float16
+    assert np.isfinite(np.load(tmp_path / "cache" / "train_feat.npy", mmap_mode="r").astype(np.float32)).all()
+    assert out.shape == (lr.shape[0] * 2, lr.shape[1] * 2, 3)
+    # The cached output of an image is the real PAN applied (tiled) to that LR image.
+    again = run_tiled(model, np.array(lr), 2, params.infer.tile, params.infer.overlap)
+    assert np.abs(again.astype(int) - out.astype(int)).max() <= 1
 
 
 def test_pan_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):

@@ -240,3 +240,175 @@ def test_bad_tiling_options(tmp_path, models):
     Image.fromarray(noise(8, 8)).save(tmp_path / "t.png")
     res = sharpen(tmp_path / "t.png", "--tile", "32", "--overlap", "32", models=models)
     assert res.exit_code == 1 and "--overlap" in res.stderr
+
+
+# --------------------------------------------------------------------------- hostile inputs (issue 12)
+
+ODD_NAMES = """
+import os, sys
+from sharpkd.cli import app
+sys.argv = ["sharpkd", "sharpen", *sys.argv[1:]]
+app()
+"""
+
+
+def _write_video(path, size=(64, 48), frames=4, api=None):
+    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if api is not None else "mp4v"))
+    args = (str(path), api, fourcc, 12, size) if api is not None else (str(path), fourcc, 12, size)
+    writer = cv2.VideoWriter(*args)
+    for _ in range(frames):
+        writer.write(noise(size[1], size[0]))
+    writer.release()
+    return path
+
+
+def test_file_names_that_are_not_utf8_do_not_crash(tmp_path, models):
+    """OpenCV segfaults on such names (lone surrogates in Python): run in a subprocess, so a crash
+    fails this test instead of the test run."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    bad_png = src / os.fsdecode(b"bad\xff.png")
+    ok, buf = cv2.imencode(".png", noise(12, 10, dtype=np.uint16))  # 16-bit: read through OpenCV
+    bad_png.write_bytes(buf.tobytes())
+    Image.fromarray(noise(12, 10)).save(src / "good.png")
+    _write_video(src / "clip.mp4").rename(src / os.fsdecode(b"clip\xfe.mp4"))  # cv2 would crash here too
+    proc = subprocess.run(
+        [sys.executable, "-c", ODD_NAMES, os.fsencode(src), "-o", os.fsencode(tmp_path / "out")]
+        + ["-m", str(models["onnx"])],
+        capture_output=True,
+        timeout=300,
+    )
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 1, f"exit status {proc.returncode}\n{out}\n{err}"  # -11: the crash
+    assert "bad\\xff.png ->" in out and "sharpened 2 file(s); 1 failed" in out
+    assert "clip\\xfe.mp4" in err and "not valid UTF-8" in err and "Traceback" not in err
+    written = load_image(tmp_path / "out" / os.fsdecode(b"bad\xff.png"), keep_16bit=True)
+    assert written.rgb.dtype == np.uint16 and (tmp_path / "out" / "good.png").is_file()
+
+
+def test_video_to_an_image_name_is_refused_before_any_work(tmp_path, models):
+    clip = _write_video(tmp_path / "clip.mp4")
+    res = sharpen(clip, "-o", tmp_path / "out.png", models=models)
+    assert res.exit_code == 1
+    assert "out.png" in res.stderr and ".mp4" in res.stderr and "frames" not in res.output
+    assert list(tmp_path.iterdir()) == [clip]
+
+
+def test_a_video_writer_failure_is_an_error_and_nothing_is_kept(tmp_path, models, monkeypatch):
+    """OpenCV reports a failed write only as a log line: what it wrote is read back before it is kept.
+    (Here the real failure of the issue: mp4v frames into an image name, let through on purpose.)"""
+    import sharpkd.sharpen as S
+
+    monkeypatch.setattr(S, "VIDEO_SAVE_SUFFIXES", {*S.VIDEO_SAVE_SUFFIXES, ".png"})
+    clip = _write_video(tmp_path / "clip.mp4", frames=6)
+    res = sharpen(clip, "-o", tmp_path / "out.png", models=models)
+    assert res.exit_code == 1 and "sharpened 0 file(s); 1 failed" in res.output
+    assert "out.png: OpenCV's writer failed" in res.stderr and "of 6 frames" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_odd_sized_video_says_it_lost_a_row_and_a_column(tmp_path, models):
+    # OpenCV's own MJPEG writer keeps odd sizes (its FFmpeg writers, like the user's camera app, may not).
+    clip = _write_video(tmp_path / "odd.avi", size=(35, 25), frames=3, api=cv2.CAP_OPENCV_MJPEG)
+    assert _video_info(clip)[1:3] == (35, 25)
+    res = sharpen(clip, models=models)
+    assert res.exit_code == 0, res.output
+    assert "35x25 written as 34x24 (the mp4v codec needs even sides)" in res.output
+    assert _video_info(tmp_path / "odd_sharp.mp4")[:3] == (3, 34, 24)
+
+
+def test_animated_gif_says_only_the_first_frame_is_used(tmp_path, models):
+    frames = [Image.fromarray(noise(10, 12)) for _ in range(4)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    res = sharpen(tmp_path / "anim.gif", models=models)
+    assert res.exit_code == 0, res.output
+    assert "4 frames (animated or multi-page): only the first is used" in res.output
+    assert (tmp_path / "anim_sharp.png").is_file()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_rgba_stays_16bit(tmp_path, models, suffix):
+    rgba16 = noise(21, 17, c=4, dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / f"a{suffix}"), rgba16[..., [2, 1, 0, 3]])
+    res = sharpen(tmp_path / f"a{suffix}", models=models)
+    assert res.exit_code == 0, res.output
+    assert "16-bit; alpha kept" in res.output and "8-bit" not in res.output
+    out = load_image(tmp_path / f"a_sharp{suffix}", keep_16bit=True)
+    assert out.rgb.dtype == np.uint16 and out.alpha.dtype == np.uint16
+    np.testing.assert_array_equal(out.alpha, rgba16[..., 3])
+    assert np.abs(out.rgb.astype(int) - expected(models["student"], rgba16[..., :3])).max() <= 1
+
+
+def test_output_folder_that_does_not_exist_yet(tmp_path, models):
+    Image.fromarray(noise(8, 8)).save(tmp_path / "p.png")
+    res = sharpen(tmp_path / "p.png", "-o", f"{tmp_path / 'newdir'}/", models=models)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "newdir" / "p.png").is_file()
+
+
+def _unwritable(tmp_path):
+    """(-o target, the folder the message must name) that cannot be written, root or not."""
+    import os
+
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        return tmp_path / "ro" / "x.png", tmp_path / "ro"
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("running as root without /proc: no folder here refuses a write")
+    return tmp_path.root + "proc/sharpkd-test/x.png", "/proc"
+
+
+@pytest.mark.parametrize("case", ["suffix", "parent is a file", "read-only"])
+def test_output_problems_are_found_before_inference(tmp_path, models, case):
+    Image.fromarray(noise(8, 8)).save(tmp_path / "p.png")
+    target, named = {
+        "suffix": (tmp_path / "p.xyz", ".xyz"),
+        "parent is a file": (tmp_path / "p.png" / "x.png", f"{tmp_path / 'p.png'} is a file"),
+        "read-only": None,
+    }.get(case) or _unwritable(tmp_path)
+    res = sharpen(tmp_path / "p.png", "-o", target, models=models)
+    assert res.exit_code == 1
+    assert str(named) in res.stderr and "Traceback" not in res.output
+    assert "model:" not in res.output, "inference started before the output was checked"
+    assert ".tmp" not in res.stderr  # no internal temporary name
+
+
+def test_an_output_created_meanwhile_is_kept(tmp_path, models):
+    """Two runs writing the same name: the later one finds it taken at the last moment and keeps it."""
+    from sharpkd.errors import UserError
+    from sharpkd.runtime import load_model
+    from sharpkd.sharpen import plan_jobs, sharpen_image
+
+    Image.fromarray(noise(8, 8)).save(tmp_path / "p.png")
+    (job,), errors = plan_jobs([(tmp_path / "p.png", None)], None, True, overwrite=False, preview=False)
+    assert not errors
+    job.dst.write_bytes(b"the other run's result")  # after planning, before this run writes
+    with pytest.raises(UserError, match="p_sharp.png was created meanwhile.*--overwrite"):
+        sharpen_image(load_model(models["onnx"]), job, 64, 8)
+    assert job.dst.read_bytes() == b"the other run's result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "p_sharp.png"]
+
+
+@pytest.mark.parametrize("kind", ["onnx", "pth", "pt"])
+def test_one_pixel_image_gives_no_warning(tmp_path, models, kind):
+    import warnings
+
+    Image.fromarray(noise(1, 1)).save(tmp_path / "one.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "array is not writable" among them
+        res = runner.invoke(app, ["sharpen", str(tmp_path / "one.png"), "-m", str(models[kind])])
+    assert res.exit_code == 0, res.output
+    assert np.asarray(Image.open(tmp_path / "one_sharp.png")).shape == (1, 1, 3)
+
+
+@pytest.mark.parametrize("content", [b"junk", b"", b"PK\x03\x04 truncated zip"])
+def test_a_bad_model_file_is_one_line(tmp_path, content):
+    (tmp_path / "m.pth").write_bytes(content)
+    Image.fromarray(noise(8, 8)).save(tmp_path / "p.png")
+    res = runner.invoke(app, ["sharpen", str(tmp_path / "p.png"), "--model", str(tmp_path / "m.pth")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "m.pth: not a sharpkd student checkpoint" in res.stderr and res.stderr.strip().count("\n") == 0

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from helpers import SHARED, make_pairs, run_cache_teacher, run_teacher, serve_folder, tiny_params
+from sharpkd.data.datasets import TrainPatches
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
-from sharpkd.inference import tiled_apply
+from sharpkd.inference import run_tiled, tiled_apply
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.student import Student
 from sharpkd.models.teacher import load_teacher
@@ -99,6 +100,8 @@ def test_swinir_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
         info = run_teacher(params, pairs / "data/pairs", tmp_path / "t2")
     assert info["architecture"] == "SwinIR" and info["source"] == "swinir"
     assert (wdir / fetch.PRETRAINED[key]["filename"]).is_file()
+    # teacher.json (and the model card) name where the weights come from, not the local folder.
+    assert info["origin"] == base + ckpt.name and str(wdir) not in str(info)
 
 
 def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
@@ -112,13 +115,14 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
 
     summary = run_cache_teacher(params, pairs / "data/pairs", tmp_path / "teacher", tmp_path / "cache")
     cache = tmp_path / "cache"
+    train = TrainPatches(pairs / "data/pairs", cache, keys=("hr", "lr", "teacher", "feat")).pools[0]
     manifest = pd.read_csv(pairs / "data/pairs/train_manifest.csv")
-    hr = np.load(pairs / "data/pairs/train_hr.npy", mmap_mode="r")
-    out = np.load(cache / "train_out.npy", mmap_mode="r")
-    feat = np.load(cache / "train_feat.npy", mmap_mode="r")
-    assert len(manifest) == len(hr) == len(out) == len(feat) == summary["patches"]
-    assert out.shape == hr.shape and out.dtype == np.uint8
-    assert feat.dtype == np.float16 and feat.shape[1:] == (4, 16, 16)
+    assert len(manifest) == len(train) == summary["train_images"] and summary["train"] is True
+    for i in range(len(train)):  # whole images: the output on the HR grid, the features on the LR grid
+        assert train.image("teacher", i).shape == train.image("hr", i).shape
+        assert train.image("feat", i).shape == (*train.image("lr", i).shape[:2], 4)
+    assert np.load(cache / "train_out.npy", mmap_mode="r").dtype == np.uint8
+    assert np.load(cache / "train_feat.npy", mmap_mode="r").dtype == np.float16
     assert json.loads((cache / "cache.json").read_text())["complete"] is True
 
     # Teacher output beats the degraded input on the validation images (bicubic baseline).
@@ -132,13 +136,11 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
     bicubic_psnr = np.mean([metrics.score(b, v.hr)["psnr"] for b, v in zip(lr_up, valid, strict=True)])
     assert teacher_psnr > bicubic_psnr + 0.1, (teacher_psnr, bicubic_psnr)
 
-    # Index alignment: the cached output of patch i is the teacher applied to LR patch i.
+    # Index alignment: the cached output of image i is the teacher applied (tiled) to LR image i.
     model, _ = load_teacher(tmp_path / "teacher")
-    i = len(out) - 1
-    lr = torch.from_numpy(np.load(pairs / "data/pairs/train_lr.npy")[i]).permute(2, 0, 1)[None].float() / 255
-    with torch.no_grad():
-        again = model(lr).clamp(0, 1).mul(255).round().byte()[0].permute(1, 2, 0).numpy()
-    assert np.abs(again.astype(int) - out[i].astype(int)).max() <= 1
+    i = len(train) - 1
+    again = run_tiled(model, np.array(train.image("lr", i)), 2, params.infer.tile, params.infer.overlap)
+    assert np.abs(again.astype(int) - train.image("teacher", i).astype(int)).max() <= 1
 
 
 def test_cache_size_limit_refused(pairs, tmp_path):

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from helpers import REPO, TINY, deep_update, repo_params_dict, tiny_params
+from helpers import REPO, TINY, deep_update, git_repo_copy, repo_params_dict, tiny_params
 from sharpkd import tracking
 from sharpkd.config import flatten, params_from_dict
 from sharpkd.errors import UserError
@@ -245,6 +245,98 @@ def test_failed_stage_is_marked_failed_with_the_message(workdir, capsys):
     assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("distill: RuntimeError")
 
 
+# --------------------------------------------------------------------------- killed stages
+
+HOLDER = """
+import sys, time
+from helpers import tiny_params
+from sharpkd import tracking
+with tracking.stage_run(sys.argv[1], tiny_params(tracking={"enabled": True})):
+    print("open", flush=True)
+    time.sleep(600)
+"""
+
+
+def _open_then_kill(workdir: Path, stage: str, exp_name: str) -> None:
+    """A stage process that opens its run and is then killed with SIGKILL (no cleanup can run)."""
+    env = clean_env(PYTHONPATH=str(REPO / "tests"), DVC_EXP_NAME=exp_name)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, stage], cwd=workdir, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "open"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_runs_of_a_killed_stage_are_marked_killed_by_the_next_stage_or_the_ui(workdir):
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    _open_then_kill(workdir, "distill", "killed-one")
+    (parent,) = runs_of(client, "attributes.run_name = 'killed-one'")
+    (child,) = children(client, parent.info.run_id).values()
+    assert (parent.info.status, child.info.status) == ("RUNNING", "RUNNING")  # what kill -9 leaves
+
+    with tracking.stage_run("export", on()):  # the next stage, in another execution
+        pass
+    for run in (child, parent):
+        run = client.get_run(run.info.run_id)
+        assert run.info.status == "KILLED" and "ended without closing this run" in run.data.tags["error"]
+
+    _open_then_kill(workdir, "evaluate", "killed-two")
+    cmd, note = tracking.ui_command(5000)
+    assert cmd is not None and "2 run(s) left RUNNING by a killed stage are now marked KILLED" in note
+    assert not runs_of(client, "attributes.status = 'RUNNING'")
+
+
+STOPPED_STAGE = """
+import sys, time
+from sharpkd.files import atomic_dir
+from sharpkd.stages import run_stage
+
+def run(params, paths, tracker):
+    with atomic_dir("data/out") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        print("working", flush=True)
+        try:
+            time.sleep(600)
+        except KeyboardInterrupt:
+            if sys.argv[1] != "swallow":
+                raise
+            # What a SQLAlchemy callback once did with a Ctrl-C: the stage went on to the end.
+
+run_stage("distill", run)
+"""
+
+
+@pytest.mark.parametrize(("mode", "sig", "status"), [("raise", "SIGTERM", 143), ("swallow", "SIGINT", 130)])
+def test_a_signalled_stage_fails_and_its_run_is_killed(workdir, mode, sig, status):
+    import signal
+
+    params_path = workdir / "params.yaml"
+    params_path.write_text(yaml.safe_dump(deep_update(deep_update(repo_params_dict(), TINY), E2E)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_STAGE, mode],
+        cwd=workdir,
+        env=clean_env(DVC_EXP_NAME=f"stopped-{mode}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "working"
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-3000:]
+    assert "[distill] " in err and "did not finish" in err and "Traceback" not in err
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (parent,) = runs_of(client, f"attributes.run_name = 'stopped-{mode}'")
+    (child,) = children(client, parent.info.run_id).values()
+    assert child.info.status == "KILLED" and child.data.tags["error"] == f"stopped by {sig}"
+    assert parent.info.status == "KILLED"
+    leftovers = [p.name for p in (workdir / "data").iterdir() if p.name != "out"]
+    assert leftovers == [], "a temporary folder was left behind"
+
+
 # --------------------------------------------------------------------------- tracking server
 
 
@@ -398,26 +490,8 @@ def pipeline_repo(tmp_path_factory) -> Path:
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     try:
-        repo = tmp_path_factory.mktemp("pipeline") / "repo"
-        # The working tree's files (tracked and new, not ignored): what a developer is testing.
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
-        for name in filter(None, listed.split("\0")):
-            if (REPO / name).is_file():
-                (repo / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / name, repo / name)
-        (repo / "dvc.lock").unlink(missing_ok=True)
         params = deep_update(deep_update(repo_params_dict(), TINY), E2E)
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        git_env = clean_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com")
-        git_env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
-        for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "tiny profile"]):
-            subprocess.run(["git", *cmd], cwd=repo, env=git_env, check=True, capture_output=True)
-
+        repo = git_repo_copy(tmp_path_factory.mktemp("pipeline") / "repo", params, clean_env())
         dvc(repo, "repro")  # what `make run` does
         for name, (key, value) in EXPERIMENTS.items():
             dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"{key}={value}")

@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from helpers import NullTracker, loss_params, make_teacher_cache, stage_paths, tiny_params
 from sharpkd.errors import UserError
@@ -60,9 +63,9 @@ def _vgg_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("term", ["pixel", "kd", "perceptual", "feature"])
+@pytest.mark.parametrize("term", ["pixel", "kd", "perceptual", "feature", "feature_affinity"])
 def test_each_loss_term_reaches_the_student(term, tmp_path):
-    weights = {"pixel": 0.0, "kd": 0.0, "perceptual": 0.0, "feature": 0.0, term: 1.0}
+    weights = {"pixel": 0.0, "kd": 0.0, "perceptual": 0.0, "feature": 0.0, "feature_affinity": 0.0, term: 1.0}
     student = Student(scale=2, channels=8, blocks=1)
     torch.nn.init.normal_(student.tail.weight, std=0.1)  # a zero tail would block gradients upstream
     obj = DistillObjective(
@@ -77,6 +80,59 @@ def test_each_loss_term_reaches_the_student(term, tmp_path):
     assert student.head[0].weight.grad is not None and student.head[0].weight.grad.abs().sum() > 0
     if term == "feature":
         assert obj.projector.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("target", ["hr", "teacher"])
+def test_teacher_only_crops_skip_the_terms_that_need_hr(target, tmp_path):
+    """`labelled` 0 marks a crop with no HR: pixel (and perceptual against HR) ignore it, kd and features do not."""
+    torch.manual_seed(0)
+    student = Student(scale=2, channels=8, blocks=1)
+    torch.nn.init.normal_(student.tail.weight, std=0.1)
+    weights = {"pixel": 1.0, "kd": 1.0, "perceptual": 1.0, "feature": 1.0, "feature_affinity": 1.0}
+    obj = DistillObjective(
+        student,
+        loss_params(**weights, perceptual_target=target),
+        teacher_feat_channels=4,
+        weights_dir=_vgg_dir(tmp_path),
+    )
+    batch = {**_batch(b=3), "labelled": torch.tensor([1.0, 1.0, 0.0])}
+    _, terms = obj(batch)
+    changed = {**batch, "hr": batch["hr"].clone()}
+    changed["hr"][2] = torch.rand_like(changed["hr"][2])  # the teacher-only crop's (meaningless) HR
+    _, again = obj(changed)
+    for k in terms:
+        assert torch.equal(terms[k], again[k]), k
+    # The pixel term is the mean over the labelled crops only.
+    out = student(batch["input"])
+    assert torch.allclose(terms["pixel"], F.l1_loss(out[:2], batch["hr"][:2]), atol=1e-6)
+    changed["teacher"] = batch["teacher"].clone()
+    changed["teacher"][2] += 0.5  # ... while kd sees every crop
+    assert not torch.equal(obj(changed)[1]["kd"], terms["kd"])
+    # No labelled crop at all: the pixel term is 0, not NaN.
+    _, none = obj({**batch, "labelled": torch.zeros(3)})
+    assert none["pixel"] == 0 and torch.isfinite(torch.stack(list(none.values()))).all()
+
+
+def test_feature_affinity_compares_structure_not_values():
+    from sharpkd.losses import affinity, affinity_distance
+
+    torch.manual_seed(0)
+    f = torch.randn(2, 4, 6, 5)
+    a = affinity(f)
+    assert a.shape == (2, 30, 30) and torch.allclose(a.diagonal(dim1=1, dim2=2), torch.ones(2, 30), atol=1e-5)
+    # Channel offsets (removed by centring) and a common scale (removed by the cosine) do not matter,
+    # nor does the number of channels: the student's 8 and the teacher's 4 compare directly.
+    assert torch.allclose(affinity(3 * f + torch.randn(1, 4, 1, 1)), a, atol=1e-5)
+    assert torch.allclose(affinity(torch.cat([f, f], 1)), a, atol=1e-5)
+    assert not torch.allclose(affinity(f.flip(-1)), a, atol=1e-3)
+    # The loss is the mean squared difference of the affinity matrices, computed without them.
+    student = torch.randn(2, 8, 6, 5, requires_grad=True)
+    want = F.mse_loss(affinity(student), affinity(f))
+    got = affinity_distance(student, f)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got, want)
+    got.backward()
+    assert student.grad.abs().sum() > 0
+    assert affinity_distance(f, 2 * f + 1).abs() < 1e-6
 
 
 def test_zero_weight_terms_load_nothing(monkeypatch):
@@ -121,6 +177,21 @@ def test_non_finite_loss_stops(tmp_path):
         )
 
 
+def test_corrupt_checkpoint_is_set_aside_and_training_restarts(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"step": 1, "steps": 2}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:60])  # truncated, as a full disk or a copy cut short leaves it
+    obj = DistillObjective(Student(scale=2, channels=8, blocks=1), loss_params(pixel=1, kd=0))
+    result = fit(
+        obj, lambda step: _batch(), FitConfig(steps=2, lr=1e-3, checkpoint_every=1), checkpoint_path=ckpt
+    )
+    assert result.resumed_from == 0 and result.steps == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt} cannot be resumed (PytorchStreamReader failed" in err and "starts from step 0" in err
+    assert (tmp_path / "ckpt.pt.unreadable").is_file()
+    assert torch.load(ckpt, weights_only=True)["step"] == 2  # the new run's checkpoint
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Real degrade + trained tiny teacher + teacher cache, built once for this module."""
@@ -147,11 +218,38 @@ def test_distill_writes_outputs(pipeline):
     assert json.loads((out / "student/student.json").read_text())["loss_terms"] == ["pixel", "kd", "feature"]
 
 
-def test_resume_equals_uninterrupted(pipeline, monkeypatch):
+def _teacher_only_params(root: Path):
+    """Teacher-only crops in every batch: an unlabeled folder and the zoomed-in training images."""
+    folder = root / "unlabeled"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 52), (33, 30)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"u{i}.png")
+    return tiny_params(
+        data={"unlabeled": str(folder), "upcycle": ["zoom_in"], "teacher_only_max_side": 40},
+        distill={"unlabeled_fraction": 0.5},
+        loss={"feature": 0.1, "feature_affinity": 0.1},
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline_teacher_only(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe_to")
+    return make_teacher_cache(root, _teacher_only_params(root))
+
+
+@pytest.mark.parametrize("data", ["labelled", "teacher_only"])
+def test_resume_equals_uninterrupted(data, request, monkeypatch):
     import sharpkd.data.datasets as ds
 
-    params = tiny_params()
+    if data == "labelled":
+        pipeline, params = request.getfixturevalue("pipeline"), tiny_params()
+    else:
+        pipeline = request.getfixturevalue("pipeline_teacher_only")
+        params = _teacher_only_params(pipeline)
     ref = _distill(pipeline, params, "ref")
+    if data == "teacher_only":
+        assert ref["teacher_only_per_batch"] == 2  # of 4
     ref_state = torch.load(pipeline / "ref/student/last.pth", weights_only=True)["state_dict"]
 
     # Kill the run at step 9 (after the checkpoint at step 8), then start it again.
@@ -178,6 +276,36 @@ def test_resume_equals_uninterrupted(pipeline, monkeypatch):
     for k in ref_state:
         assert torch.equal(ref_state[k], state[k]), k
     assert again["val_psnr"] == ref["val_psnr"]
+
+
+def test_no_teacher_baseline_needs_no_training_cache(pipeline, tmp_path):
+    """distill.teacher false: cache_teacher runs the teacher on the validation images only, distill reads none of it."""
+    from sharpkd.stages import cache_teacher
+
+    params = tiny_params(distill={"teacher": False}, loss={"kd": 0.0, "feature": 0.0})
+    cache = tmp_path / "cache"
+    paths = stage_paths(pipeline, teacher_cache=cache)
+    info = cache_teacher.run(params, paths, NullTracker())
+    assert info["train"] is False and info["bytes"] == 0
+    assert sorted(p.name for p in cache.iterdir()) == ["cache.json", "valid"]
+    summary = _distill_with_cache(pipeline, params, cache, "baseline")
+    assert summary["steps"] == 12 and summary["teacher_only_per_batch"] == 0
+    # A distilled run against that cache is told what to rebuild, before any step.
+    with pytest.raises(UserError, match="no training outputs.*dvc repro cache_teacher"):
+        _distill_with_cache(pipeline, tiny_params(), cache, "distilled")
+
+
+def _distill_with_cache(root, params, cache, tag):
+    from sharpkd.stages import distill
+
+    paths = stage_paths(
+        root,
+        teacher_cache=cache,
+        student=root / tag / "student",
+        checkpoints=root / tag / "ckpt",
+        metrics=root / tag / "metrics",
+    )
+    return distill.run(params, paths, NullTracker())
 
 
 def test_two_process_gloo(pipeline, tmp_path):

@@ -53,7 +53,7 @@ class Target:
     model: str  # student | teacher
     runtime: str  # torch | torchscript | onnxruntime
     device: str  # cpu | cuda
-    precision: str  # fp32 | fp16
+    precision: str  # fp32 | fp16 | int8
     make: Callable[[torch.Tensor], Callable[[], object]]
     how: str = "full frame"
 
@@ -87,7 +87,9 @@ def _onnx_target(path: Path, device: str, threads: int) -> Target:
     from sharpkd.runtime import OnnxFunction, ort_session
 
     fn = OnnxFunction(ort_session(path, device, threads))
-    precision = "fp16" if fn.dtype.__name__ == "float16" else "fp32"
+    # export.py and quantize.py record the precision in the model's metadata (INT8 keeps float32 I/O).
+    recorded = fn.session.get_modelmeta().custom_metadata_map.get("sharpkd.precision")
+    precision = recorded or ("fp16" if fn.dtype.__name__ == "float16" else "fp32")
     return Target("student", "onnxruntime", device, precision, lambda x: lambda: fn(x))
 
 
@@ -164,6 +166,10 @@ def student_targets(model_path: Path | None, threads: int) -> Iterator[tuple[lis
             fp16 = onnx.with_name(f"{onnx.stem}_fp16.onnx")
             if "cuda" in ort_devices and fp16.is_file():
                 targets.append(_onnx_target(fp16, "cuda", threads))
+            int8 = onnx.with_name(f"{onnx.stem}_int8.onnx")
+            if model_path is None and int8.is_file():  # the export stage's INT8 model, beside the float32 one
+                notes.append(f"int8: {int8}")
+                targets.append(_onnx_target(int8, "cpu", threads))
         yield targets, notes
 
 
@@ -264,7 +270,13 @@ def student_training_speed(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # What the default profile trains: pixel + KD, no perceptual or feature loss.
     loss = LossParams(
-        pixel=1.0, kd=1.0, perceptual=0.0, perceptual_target="teacher", perceptual_layers=(), feature=0.0
+        pixel=1.0,
+        kd=1.0,
+        perceptual=0.0,
+        perceptual_target="teacher",
+        perceptual_layers=(),
+        feature=0.0,
+        feature_affinity=0.0,
     )
     objective = DistillObjective(Student(scale=scale, channels=channels, blocks=blocks), loss).to(device)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)

@@ -23,6 +23,10 @@ app = typer.Typer(
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """A UserError becomes one line on stderr and exit status 1, never a traceback."""
+    # File names that are not UTF-8 reach messages as lone surrogates: print them escaped, never crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         yield
     except UserError as exc:

@@ -54,11 +54,14 @@ class DataParams:
     source: Literal["samples", "folder", "div2k"]
     scale: Literal[2, 3, 4]
     patch_size: int = field(metadata=_range(8, 1024))
-    patches_per_image: int = field(metadata=_range(1, 100000))
     valid_max_side: int = field(metadata=_range(0, None))
     div2k: Div2kParams
     folder: FolderParams
     samples: SamplesParams
+    # Teacher-only inputs (no HR; the teacher's output is their only target), see data/teacher_only.py.
+    unlabeled: str  # folder (recursive) of low-resolution images without a high-resolution version
+    upcycle: tuple[Literal["zoom_in", "zoom_out"], ...]  # the labelled images reused as teacher inputs
+    teacher_only_max_side: int = field(metadata=_range(0, None))  # centre crop of each teacher-only input
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class LossParams:
     perceptual_target: Literal["teacher", "hr"]
     perceptual_layers: tuple[str, ...]
     feature: float = field(metadata=_range(0, None))
+    feature_affinity: float = field(metadata=_range(0, None))
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class StudentParams:
     channels: int = field(metadata=_range(4, 512))
     blocks: int = field(metadata=_range(1, 64))
     activation: Literal["relu", "prelu", "silu", "gelu"]
+    block: Literal["plain", "rep"]  # rep: re-parameterised training blocks, folded into plain ones
+    rep_expand: float = field(metadata=_range(0, 8))  # width of the rep 1x1->3x3 branch, x out channels
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,8 @@ class DistillParams:
     checkpoint_every: int = field(metadata=_range(1, None))
     amp: bool
     threads: int = field(metadata=_range(0, 1024))
+    teacher: bool  # false: the no-teacher baseline (the cache holds only the validation outputs)
+    unlabeled_fraction: float = field(metadata=_range(0, 1))
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,8 @@ class ExportParams:
     fp16: bool
     parity_tol: float = field(metadata=_range(0, 1))
     speed_repeats: int = field(metadata=_range(1, 1000))
+    int8: bool  # also an INT8 ONNX model (ONNX Runtime static quantisation)
+    int8_calibration: int = field(metadata=_range(1, 4096))  # training crops it is calibrated on
 
 
 @dataclass(frozen=True)
@@ -333,6 +343,45 @@ def _check_relations(p: Params) -> None:
             raise ConfigError(f"params: '{key}' must be [low, high] with 0 <= low <= high, got [{lo}, {hi}]")
     if not 1 <= p.degradation.jpeg_quality[0] <= p.degradation.jpeg_quality[1] <= 100:
         raise ConfigError("params: 'degradation.jpeg_quality' values must be between 1 and 100")
+    _check_teacher_use(p)
+
+
+def _check_teacher_use(p: Params) -> None:
+    """The teacher-only data and the no-teacher baseline: every knob that would be silently ignored is an error."""
+    teacher_only = [
+        k for k, on in (("data.unlabeled", p.data.unlabeled), ("data.upcycle", p.data.upcycle)) if on
+    ]
+    if len(set(p.data.upcycle)) != len(p.data.upcycle):
+        raise ConfigError(f"params: 'data.upcycle' lists a value twice: {list(p.data.upcycle)}")
+    f = p.distill.unlabeled_fraction
+    if f > 0 and not teacher_only:
+        raise ConfigError(
+            f"params: 'distill.unlabeled_fraction' is {f} but there is no teacher-only data: set data.unlabeled "
+            "to a folder of low-resolution images, or data.upcycle to [zoom_in], [zoom_out] or both"
+        )
+    if teacher_only and f == 0:
+        raise ConfigError(
+            f"params: {' and '.join(teacher_only)} given but 'distill.unlabeled_fraction' is 0: those images would "
+            "be prepared and cached but never trained on; set distill.unlabeled_fraction (e.g. 0.25)"
+        )
+    if not p.distill.teacher:
+        uses = [
+            f"{k}={v}"
+            for k, v in (
+                ("loss.kd", p.loss.kd),
+                ("loss.feature", p.loss.feature),
+                ("loss.feature_affinity", p.loss.feature_affinity),
+                ("distill.unlabeled_fraction", f),
+            )
+            if v > 0
+        ]
+        if p.loss.perceptual > 0 and p.loss.perceptual_target == "teacher":
+            uses.append("loss.perceptual_target=teacher")
+        if uses:
+            raise ConfigError(
+                f"params: 'distill.teacher' is false (the student learns from HR alone) but {', '.join(uses)} "
+                "need the teacher; set them to 0 (perceptual_target to hr), or distill.teacher to true"
+            )
 
 
 def params_from_dict(raw: Any) -> Params:

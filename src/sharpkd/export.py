@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from sharpkd import __version__
 from sharpkd.errors import UserError
@@ -33,12 +35,41 @@ PARITY_SHAPES = [(1, 3, 37, 53), (2, 3, 65, 31)]
 FRAME_1080P = (1080, 1920)
 
 
+class ExportGraph(nn.Module):
+    """The student as it is exported to ONNX: the same arithmetic, cheaper operators.
+
+    pixel_unshuffle by s followed by the head's 3x3 conv is one conv on the full-size image with a
+    3s x 3s kernel, stride s and padding s (weight[o, c, dy*s+i, dx*s+j] = head[o, c*s*s+i*s+j, dy, dx]).
+    ONNX Runtime then runs no 6-D transpose for the unshuffle (about 15% of a 1080p frame on a CPU,
+    more under INT8, where the convs get faster and the transpose does not).
+    """
+
+    def __init__(self, student: Student):
+        super().__init__()
+        student = student.deploy()
+        s, head = student.scale, student.head[0]
+        c_out = head.weight.shape[0]
+        weight = head.weight.detach().reshape(c_out, 3, s, s, 3, 3).permute(0, 1, 4, 2, 5, 3)
+        self.head = nn.Conv2d(3, c_out, 3 * s, stride=s, padding=s)
+        with torch.no_grad():
+            self.head.weight.copy_(weight.reshape(c_out, 3, 3 * s, 3 * s))
+            self.head.bias.copy_(head.bias.detach())
+        self.act, self.body, self.tail, self.scale = student.head[1], student.body, student.tail, s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale
+        h, w = x.shape[-2], x.shape[-1]
+        xp = F.pad(x, (0, (s - w % s) % s, 0, (s - h % s) % s), mode="replicate")
+        out = F.pixel_shuffle(self.tail(self.body(self.act(self.head(xp)))), s) + xp
+        return out[..., :h, :w]
+
+
 def export_onnx(model: Student, path: str | Path, opset: int = 17, fp16: bool = False) -> Path:
     """Write `model` as ONNX with dynamic batch, height and width; the student's scale goes into the metadata."""
     import onnx
 
     path = Path(path)
-    m = copy.deepcopy(model).cpu().eval()
+    m = ExportGraph(copy.deepcopy(model).cpu().eval()).eval()
     dtype = torch.float16 if fp16 else torch.float32
     m = m.to(dtype)
     # An odd dummy size, so the traced padding is the general case, not a no-op.
@@ -67,7 +98,7 @@ def export_onnx(model: Student, path: str | Path, opset: int = 17, fp16: bool = 
     onnx.checker.check_model(proto)
     meta = {
         SCALE_KEY: str(model.scale),
-        "sharpkd.arch": json.dumps(model.arch_kwargs()),
+        "sharpkd.arch": json.dumps(model.deploy().arch_kwargs()),
         "sharpkd.precision": "fp16" if fp16 else "fp32",
         "sharpkd.version": __version__,
         "sharpkd.io": "(N,3,H,W) RGB in [0,1], any H and W; output same shape",
@@ -84,7 +115,7 @@ def export_torchscript(model: Student, path: str | Path) -> Path:
     path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in recent torch, still works
-        scripted = torch.jit.script(copy.deepcopy(model).cpu().eval())
+        scripted = torch.jit.script(copy.deepcopy(model.deploy()).cpu().eval())
         scripted.save(str(path))
     return path
 
@@ -142,33 +173,47 @@ def check_parity(model: Student, inputs, onnx_path: Path, ts_path: Path, fp16_pa
 
 
 def measure_speed(
-    model: Student, onnx_path: Path, ts_path: Path, fp16_path: Path | None, repeats: int
+    model: Student,
+    onnx_path: Path,
+    ts_path: Path,
+    fp16_path: Path | None,
+    repeats: int,
+    int8_path: Path | None = None,
 ) -> dict:
-    """ms and fps on one 1080p frame: torch eager (reference), TorchScript and ONNX Runtime on the CPU; CUDA EP when present."""
+    """ms and fps on one 1080p frame: torch eager (reference), TorchScript and ONNX Runtime on the CPU
+    (float32, and INT8 when given); CUDA EP when present. One session is alive at a time: an idle ONNX
+    Runtime session's threads still spin and would slow the one being timed."""
     threads = torch.get_num_threads()
     x = torch.rand(1, 3, *FRAME_1080P, generator=torch.Generator().manual_seed(0))
-    ts = _load_torchscript(ts_path)
-    runs = {
-        "torch_cpu": lambda: model(x),
-        "torchscript_cpu": lambda: ts(x),
-        "onnx_cpu": OnnxFunction(ort_session(onnx_path, "cpu", threads)),
+    runs: dict = {
+        "torch_cpu": lambda: model,
+        "torchscript_cpu": lambda: _load_torchscript(ts_path),
+        "onnx_cpu": lambda: OnnxFunction(ort_session(onnx_path, "cpu", threads)),
     }
     reasons = {}
+    if int8_path is not None:
+        runs["onnx_int8_cpu"] = lambda: OnnxFunction(ort_session(int8_path, "cpu", threads))
+    else:
+        reasons["onnx_int8_cpu"] = "export.int8 is false"
     if ort_cuda_available():
-        runs["onnx_cuda"] = OnnxFunction(ort_session(onnx_path, "cuda"))
+        runs["onnx_cuda"] = lambda: OnnxFunction(ort_session(onnx_path, "cuda"))
         if fp16_path is not None:
-            runs["onnx_fp16_cuda"] = OnnxFunction(ort_session(fp16_path, "cuda"))
+            runs["onnx_fp16_cuda"] = lambda: OnnxFunction(ort_session(fp16_path, "cuda"))
         else:
             reasons["onnx_fp16_cuda"] = "export.fp16 is false"
     else:
         reasons["onnx_cuda"] = reasons["onnx_fp16_cuda"] = "no CUDA execution provider in this ONNX Runtime"
     out: dict = {"speed.torch_threads": threads, "speed.repeats": repeats}
     with torch.no_grad():
-        for name, fn in runs.items():
-            arg_fn = fn if name in ("torch_cpu", "torchscript_cpu") else (lambda f=fn: f(x))
-            ms = time_ms(arg_fn, repeats)
+        for name, make in runs.items():
+            fn = make()
+            ms = time_ms(lambda fn=fn: fn(x), repeats)
+            del fn
             out[f"speed.{name}.ms_1080p"] = round(ms, 3)
             out[f"speed.{name}.fps_1080p"] = round(1000.0 / ms, 2)
+    if int8_path is not None:
+        fp32_ms, int8_ms = out["speed.onnx_cpu.ms_1080p"], out["speed.onnx_int8_cpu.ms_1080p"]
+        out["speed.int8_speedup"] = round(fp32_ms / int8_ms, 3)
     for name, why in reasons.items():
         out[f"speed.{name}.ms_1080p"] = None
         out[f"speed.{name}.reason"] = why

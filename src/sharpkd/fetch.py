@@ -19,9 +19,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
 from sharpkd.errors import UserError
+from sharpkd.progress import progress
 
 _SWINIR = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/001_classicalSR_DF2K_s64w8_SwinIR-M_x{s}.pth"
 _PAN = "https://github.com/zhaohengyuan1/PAN/raw/master/experiments/pretrained_models/PANx{s}_DF2K.pth"
@@ -65,6 +64,13 @@ def resolve_weights_dir(configured: str = "") -> Path:
     return Path(
         configured or os.environ.get("SHARPKD_WEIGHTS_DIR") or Path.home() / ".cache" / "sharpkd" / "weights"
     ).expanduser()
+
+
+def without_home(text: str) -> str:
+    """`text` with the user's home folder written as `~`: messages kept in outputs (eval.json, the
+    model card, MLflow) must not carry the account's absolute paths."""
+    home = str(Path.home())
+    return text.replace(home, "~") if len(home) > 1 else text
 
 
 def find_file(name: str, folders: Iterable[str | Path]) -> Path | None:
@@ -162,7 +168,7 @@ def download(
                 total = int(length) + have if length else size
                 with (
                     open(part, "ab" if have else "wb") as f,
-                    tqdm(
+                    progress(
                         total=total, initial=have, unit="B", unit_scale=True, desc=f"download {dest.name}"
                     ) as bar,
                 ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,35 +24,91 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+# Temporaries are named `.<name>.<pid>-<random>.tmp[<suffix>]` beside their target: the pid of the
+# writer is in the name, so a later writer can tell a killed one's leftovers from a live one's.
+_TEMP = re.compile(r"\..+\.(\d+)-[a-z0-9_]{8}\.tmp(\.[^.]*)?")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporaries in `folder` whose writer no longer runs (killed, crashed); return them.
+
+    Only this folder's own entries are looked at; a temporary of a live process (another run
+    writing beside this one) is left alone.
+    """
+    import psutil
+
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TEMP.fullmatch(entry.name)
+        if m is None or psutil.pid_exists(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    With `overwrite=False` the rename fails with FileExistsError when `path` exists by then,
+    even if another process created it a moment before (no check-then-write race).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _rename_new(tmp: Path, path: Path) -> None:
+    """`tmp` -> `path` only if `path` does not exist: a hard link fails atomically on a taken name."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists") from None
+    except OSError:  # a filesystem without hard links: check, then rename (a small race remains)
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a fresh temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    Leftovers of a killed earlier writer beside `path` are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    remove_stale_temps(path.parent)
+    # Only ever left behind by a kill between the two renames below (one writer per output).
+    shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

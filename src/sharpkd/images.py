@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,12 @@ _ORIENT = {
 
 class ImageReadError(UserError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+def printable(path: str | Path) -> str:
+    """A file name as text that can be printed and stored anywhere: bytes that are not UTF-8
+    (Python holds them as lone surrogates, which stdout, CSV and SQLite refuse) become \\xNN."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -65,14 +72,17 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
                 # Read before load(): Pillow's TIFF loader turns the pixels itself and drops the tag.
                 orientation = im.getexif().get(EXIF_ORIENTATION, 1)
                 deep_tiff = im.format == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8
+                frames = getattr(im, "n_frames", 1)
                 im.load()
                 im = ImageOps.exif_transpose(im)
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
+        raise ImageReadError(f"{printable(path)}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{path}: cannot decode image ({exc})") from None
+        raise ImageReadError(f"{printable(path)}: cannot decode image ({exc})") from None
 
     notes = []
+    if frames > 1:
+        notes.append(f"{frames} frames (animated or multi-page): only the first is used")
     if orientation in _ORIENT:
         notes.append(f"EXIF orientation {orientation} applied")
     else:
@@ -103,8 +113,14 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
         notes.append(f"{mode} image: alpha channel separated")
         if mode in ("LA",):
             notes.append("grayscale expanded to RGB")
-        if _is_16bit_png(path):
-            notes.append("16-bit scaled to 8-bit")  # PIL reads 16-bit RGBA PNGs as 8-bit RGBA
+        # PIL reads 16-bit RGBA PNGs and TIFFs as 8-bit RGBA; OpenCV / tifffile keep the 16 bits.
+        sixteen = mode == "RGBA" and (deep_tiff or _is_16bit_png(path))
+        deep = _read_16bit_color(path) if sixteen and keep_16bit else None
+        if deep is not None and deep.shape[2] == 4 and deep.shape[:2] in (rgb.shape[:2], rgb.shape[1::-1]):
+            deep = np.ascontiguousarray(_ORIENT[orientation](deep) if orientation != 1 else deep)
+            return LoadedImage(deep[..., :3].copy(), deep[..., 3].copy(), "; ".join(notes))
+        if sixteen:
+            notes.append("16-bit scaled to 8-bit")
         return LoadedImage(rgb, alpha, "; ".join(notes))
     if mode != "RGB":
         if mode in ("L", "1"):
@@ -116,6 +132,7 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
     # PIL decodes 16-bit RGB PNGs only as 8-bit "RGB"; 48-bit TIFF/PNG via OpenCV keeps 16 bits.
     if keep_16bit or deep_tiff or _is_16bit_png(path):
         rgb16 = _read_16bit_color(path)
+        rgb16 = rgb16[..., :3] if rgb16 is not None else None
         if rgb16 is not None and rgb16.shape[:2] in (rgb.shape[:2], rgb.shape[1::-1]):
             # OpenCV's IMREAD_UNCHANGED ignores EXIF: turn the pixels the way PIL turned its copy.
             rgb16 = _ORIENT[orientation](rgb16) if orientation != 1 else rgb16
@@ -152,30 +169,57 @@ def _is_16bit_png(path: Path) -> bool:
 
 
 def _read_16bit_color(path: Path) -> np.ndarray | None:
-    """HxWx3 uint16 RGB as stored (no EXIF turning), or None. PIL reads 48-bit colour only as 8-bit."""
+    """HxWx3 uint16 RGB, or HxWx4 RGBA, as stored (no EXIF turning), or None. PIL reads 48/64-bit
+    colour only as 8-bit."""
     if path.suffix.lower() in (".tif", ".tiff"):
         try:
             import tifffile  # comes with scikit-image; OpenCV fails on TIFFs with an Orientation tag
 
             arr = tifffile.imread(path, key=0)
             if arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] in (3, 4):
-                return np.ascontiguousarray(arr[..., :3])
+                return np.ascontiguousarray(arr)
         except Exception:  # unusual compression or layout: let OpenCV try
             pass
     import cv2
 
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
+    # Decoded from bytes read by Python: cv2.imread crashes the process (SIGSEGV) on a file name
+    # that is not valid UTF-8.
+    data = np.fromfile(path, dtype=np.uint8)
+    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    arr = cv2.imdecode(data, flags) if data.size else None
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         return None
-    arr = arr[..., :3][..., ::-1]  # BGR(A) -> RGB
-    return np.ascontiguousarray(arr)
+    order = [2, 1, 0, 3][: arr.shape[2]]  # BGR(A) -> RGB(A)
+    return np.ascontiguousarray(arr[..., order])
 
 
-def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, quality: int = 95) -> None:
-    """Write uint8 or uint16 RGB(+alpha) atomically; the format follows the suffix."""
+def save_image(
+    path: str | Path,
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    quality: int = 95,
+    overwrite: bool = True,
+) -> None:
+    """Write uint8 or uint16 RGB(+alpha) atomically; the format follows the suffix.
+
+    `overwrite=False`: FileExistsError if `path` exists when the file is complete (see atomic_path).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
-    with atomic_path(path) as tmp:
+    fmt = {
+        ".jpg": "JPEG",
+        ".jpeg": "JPEG",
+        ".png": "PNG",
+        ".webp": "WEBP",
+        ".tif": "TIFF",
+        ".tiff": "TIFF",
+        ".bmp": "BMP",
+    }.get(suffix)
+    if fmt is None:
+        raise UserError(
+            f"{printable(path)}: unsupported output format '{suffix}' (use .png, .jpg, .webp, .tif)"
+        )
+    with atomic_path(path, overwrite=overwrite) as tmp:
         if rgb.dtype == np.uint16:
             import cv2
 
@@ -185,23 +229,12 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             ext = ".png" if suffix not in (".tif", ".tiff") else ".tiff"
             ok, buf = cv2.imencode(ext, np.ascontiguousarray(arr))
             if not ok:
-                raise UserError(f"{path}: cannot encode a 16-bit image as {suffix}")
+                raise UserError(f"{printable(path)}: cannot encode a 16-bit image as {suffix}")
             tmp.write_bytes(buf.tobytes())
             return
         im = Image.fromarray(rgb, "RGB")
         if alpha is not None and suffix not in (".jpg", ".jpeg"):
             im.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
-        fmt = {
-            ".jpg": "JPEG",
-            ".jpeg": "JPEG",
-            ".png": "PNG",
-            ".webp": "WEBP",
-            ".tif": "TIFF",
-            ".tiff": "TIFF",
-            ".bmp": "BMP",
-        }.get(suffix)
-        if fmt is None:
-            raise UserError(f"{path}: unsupported output format '{suffix}' (use .png, .jpg, .webp, .tif)")
         kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
         im.save(tmp, format=fmt, **kwargs)
 
@@ -210,12 +243,18 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """HxWx3 (or NxHxWx3) uint8 / uint16 -> (N,3,H,W) float32 in [0,1] (N=1 for one image)."""
+    """HxWx3 (or NxHxWx3) uint8 / uint16 -> (N,3,H,W) float32 in [0,1] (N=1 for one image).
+
+    One image comes back contiguous (NCHW); a batch as a channels-last view of the NHWC array, as the
+    stages have always fed their batches (a conv's float rounding depends on the memory layout, so
+    changing either would change cached and trained outputs in the last bit).
+    """
     peak = 65535.0 if img.dtype == np.uint16 else 255.0
     arr = np.ascontiguousarray(img[None] if img.ndim == 3 else img)
     if not arr.flags.writeable:  # a memory-mapped or read-only array: torch wants memory it may write
         arr = arr.copy()
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(peak)
+    t = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(peak)
+    return t.contiguous() if img.ndim == 3 else t
 
 
 def to_image(t: torch.Tensor, bits: int = 8) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from sharpkd.errors import UserError
-from sharpkd.fetch import download, find_file, resolve_weights_dir
+from sharpkd.fetch import download, find_file, resolve_weights_dir, without_home
 from sharpkd.images import to_tensor
 from sharpkd.inference import run_tiled
 
@@ -174,7 +174,7 @@ class QualityMetrics:
                 self.lpips_reason = None
             except Exception as exc:  # no network and no cached weights, most often
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self.lpips_reason = f"LPIPS weights could not be loaded: {text[:400]}"
+                self.lpips_reason = f"LPIPS weights could not be loaded: {without_home(text)[:400]}"
                 print(f"[metrics] LPIPS recorded as null: {self.lpips_reason}")
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,12 @@ import numpy as np
 
 from sharpkd.errors import UserError
 from sharpkd.files import atomic_path
-from sharpkd.images import IMAGE_SUFFIXES, load_image, save_image, to_image, to_tensor
+from sharpkd.images import IMAGE_SUFFIXES, load_image, printable, save_image, to_image, to_tensor
 from sharpkd.runtime import InferenceModel
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
+# The containers that take mp4v, the codec OpenCV always has (WebM and MPEG-PS refuse it).
+VIDEO_SAVE_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv"}
 SAVE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 SIXTEEN_BIT_SUFFIXES = {".png", ".tif", ".tiff"}
 OUTPUT_TAG = "_sharp"
@@ -37,6 +40,7 @@ class Job:
     src: Path
     dst: Path
     preview: Path | None
+    overwrite: bool = False  # False: a file that appears at dst meanwhile is not replaced
 
     @property
     def video(self) -> bool:
@@ -45,6 +49,22 @@ class Job:
 
 def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, held by Python as lone surrogates
+        return False
+    return True
+
+
+def opencv_name(path: Path) -> str:
+    """str(path) for OpenCV's video functions, which crash the process (SIGSEGV) on a name that is
+    not valid UTF-8; such a name is refused instead."""
+    if not _utf8(path):
+        raise UserError(f"{printable(path)}: OpenCV cannot open a video whose path is not valid UTF-8")
+    return str(path)
 
 
 def _is_media(path: Path) -> bool:
@@ -74,14 +94,14 @@ def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], li
         elif glob.has_magic(arg):
             files, base = sorted(Path(f) for f in glob.glob(arg, recursive=True) if _is_media(Path(f))), None
         else:
-            errors.append(f"{arg}: no such file or folder")
+            errors.append(f"{printable(arg)}: no such file or folder")
             continue
         own = [f for f in files if _is_own_output(f)]
         if own:
-            notes.append(f"{arg}: skipped {len(own)} earlier output(s) named *{OUTPUT_TAG}*")
+            notes.append(f"{printable(arg)}: skipped {len(own)} earlier output(s) named *{OUTPUT_TAG}*")
         files = [f for f in files if f not in own]
         if not files:
-            errors.append(f"{arg}: no images or videos found")
+            errors.append(f"{printable(arg)}: no images or videos found")
         found += [(f, base) for f in files]
     return found, errors, notes
 
@@ -107,36 +127,71 @@ def plan_jobs(
     overwrite: bool,
     preview: bool,
 ) -> tuple[list[Job], list[str]]:
-    """Where each output goes; refuses (as per-file errors) to overwrite inputs or existing files unless `overwrite`."""
+    """Where each output goes; refuses (as per-file errors, before any work) an output it cannot
+    write: an unsupported format, a folder it cannot write in, an input or an existing file
+    (unless `overwrite`)."""
     jobs, errors = [], []
     inputs = {src.resolve() for src, _ in found}
     taken: dict[Path, Path] = {}
     for src, base in found:
         if output is None:
             dst = src.with_name(_default_name(src))
-        elif single_file and not output.is_dir():
+        elif single_file and not output.is_dir() and output.suffix:
             dst = output
-        else:
+        else:  # a folder, also one still to be made (`-o newdir/`, `-o newdir`)
             dst = output / _folder_name(src, base)
         prev = dst.with_name(f"{dst.stem}{PREVIEW_TAG}{dst.suffix}") if preview else None
-        problem = None
+        problem = _format_problem(src, dst)
         for target in filter(None, (dst, prev)):
+            if problem:
+                break
             resolved = target.resolve()
             if resolved in taken:
                 problem = f"{target} is also the output of {taken[resolved]}; use -o with a folder per source"
             elif not overwrite and resolved in inputs:
                 problem = f"{target} would overwrite an input; pass --overwrite to replace it"
+            elif target.is_dir():
+                problem = f"{target} is a folder; name a file, or a folder with several inputs"
             elif not overwrite and target.exists():
                 problem = f"{target} exists; pass --overwrite to replace it"
-            if problem:
-                break
+            else:
+                problem = _write_problem(target)
         if problem:
-            errors.append(f"{src}: {problem}")
+            errors.append(printable(f"{src}: {problem}"))
             continue
         for target in filter(None, (dst, prev)):
             taken[target.resolve()] = src
-        jobs.append(Job(src, dst, prev))
+        jobs.append(Job(src, dst, prev, overwrite))
     return jobs, errors
+
+
+def _format_problem(src: Path, dst: Path) -> str | None:
+    suffix = dst.suffix.lower()
+    if is_video(src):
+        if suffix not in VIDEO_SAVE_SUFFIXES:
+            return f"-o {dst}: a video is written as .mp4 (or .m4v, .mov, .avi, .mkv), not as '{suffix}'"
+        if not _utf8(src):
+            return "OpenCV cannot open a video whose path is not valid UTF-8; rename it"
+        if not _utf8(dst):
+            return f"{dst}: OpenCV cannot write a video whose path is not valid UTF-8; choose another -o"
+    elif suffix not in SAVE_SUFFIXES:
+        return f"-o {dst}: unsupported image format '{suffix}' (use .png, .jpg, .webp, .tif, .bmp)"
+    return None
+
+
+def _write_problem(target: Path) -> str | None:
+    """Why `target` cannot be created, judged from its nearest existing folder (None: it can)."""
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot create {target.parent}: {folder} is a file"
+    try:  # a file without a name where the system allows it: tried, not guessed from the mode bits
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
 
 
 def _match_alpha(alpha: np.ndarray | None, dtype) -> np.ndarray | None:
@@ -166,21 +221,36 @@ def sharpen_image(model: InferenceModel, job: Job, tile: int, overlap: int) -> s
     alpha = _match_alpha(img.alpha, rgb.dtype)
     if alpha is not None and suffix in (".jpg", ".jpeg"):
         notes.append("alpha dropped (JPEG has none)")
-    save_image(job.dst, rgb, alpha)
-    if job.preview is not None:
-        before = to_image(to_tensor(img.rgb), bits)
-        both_alpha = None if alpha is None else np.concatenate([alpha, alpha], axis=1)
-        save_image(job.preview, np.concatenate([before, rgb], axis=1), both_alpha)
+    with _no_clobber(job):
+        save_image(job.dst, rgb, alpha, overwrite=job.overwrite)
+        if job.preview is not None:
+            before = to_image(to_tensor(img.rgb), bits)
+            both_alpha = None if alpha is None else np.concatenate([alpha, alpha], axis=1)
+            save_image(
+                job.preview, np.concatenate([before, rgb], axis=1), both_alpha, overwrite=job.overwrite
+            )
     return "; ".join(notes)
+
+
+@contextlib.contextmanager
+def _no_clobber(job: Job):
+    """A file that appeared at the output after planning (another run writing the same name) is kept."""
+    try:
+        yield
+    except FileExistsError as exc:
+        raise UserError(
+            f"{printable(exc.args[0]).removesuffix(' exists')} was created meanwhile (by another run?); "
+            "it is kept: pass --overwrite to replace it"
+        ) from None
 
 
 def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_frame=None) -> str:
     """Frame by frame through the model; same fps and size (audio is not carried: OpenCV has none)."""
     import cv2
 
-    cap = cv2.VideoCapture(str(job.src))
+    cap = cv2.VideoCapture(opencv_name(job.src))
     if not cap.isOpened():
-        raise UserError(f"{job.src}: OpenCV cannot open this video")
+        raise UserError(f"{printable(job.src)}: OpenCV cannot open this video")
     fps = cap.get(cv2.CAP_PROP_FPS)
     notes = []
     if not fps or fps != fps or fps <= 0:  # some containers do not say; NaN != NaN
@@ -191,10 +261,14 @@ def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_f
         on_frame(0, total if total > 0 else None)
     fourcc = cv2.VideoWriter_fourcc(*"mp4v")
     writers: list = []
-    frames, t0 = 0, time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(job.dst))
-        ptmp = stack.enter_context(atomic_path(job.preview)) if job.preview is not None else None
+    frames, t0, size = 0, time.perf_counter(), (0, 0)
+    with _no_clobber(job), contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(job.dst, overwrite=job.overwrite))
+        ptmp = (
+            stack.enter_context(atomic_path(job.preview, overwrite=job.overwrite))
+            if job.preview is not None
+            else None
+        )
         try:
             while True:
                 ok, frame = cap.read()
@@ -203,11 +277,12 @@ def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_f
                 h, w = frame.shape[:2]
                 if not writers:
                     # Opened on the first frame: decoded frames (auto-rotated) are the truth, not the header.
-                    writers.append(cv2.VideoWriter(str(tmp), fourcc, fps, (w, h)))
+                    size = (w, h)
+                    writers.append(cv2.VideoWriter(opencv_name(tmp), fourcc, fps, (w, h)))
                     if ptmp is not None:
-                        writers.append(cv2.VideoWriter(str(ptmp), fourcc, fps, (2 * w, h)))
+                        writers.append(cv2.VideoWriter(opencv_name(ptmp), fourcc, fps, (2 * w, h)))
                     if not all(wr.isOpened() for wr in writers):
-                        raise UserError(f"{job.dst}: OpenCV cannot write an mp4v video there")
+                        raise UserError(f"{printable(job.dst)}: OpenCV cannot write an mp4v video there")
                 rgb = np.ascontiguousarray(frame[..., ::-1])
                 sharp = to_image(model.apply(to_tensor(rgb), tile, overlap))
                 sharp_bgr = np.ascontiguousarray(sharp[..., ::-1])
@@ -223,10 +298,40 @@ def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_f
                 wr.release()
             cap.release()
         if frames == 0:
-            raise UserError(f"{job.src}: no frame could be decoded")
+            raise UserError(f"{printable(job.src)}: no frame could be decoded")
+        # OpenCV's writer reports failures only as log lines: read what it wrote back before keeping it.
+        for path, dst in ((tmp, job.dst), (ptmp, job.preview)):
+            if path is None:
+                continue
+            count, width, height = _video_info(path)
+            # Some containers give an estimated count (duration x fps): allow a frame or 1% off.
+            if count < frames - max(1, frames // 100):
+                raise UserError(
+                    f"{printable(dst)}: OpenCV's writer failed ({count} of {frames} frames could be read "
+                    "back); nothing was kept (is the disk full?)"
+                )
+            if path == tmp and (width, height) != size:
+                notes.append(
+                    f"{size[0]}x{size[1]} written as {width}x{height} (the mp4v codec needs even sides)"
+                )
     secs = time.perf_counter() - t0
     notes.insert(0, f"{frames} frames at {fps:g} fps, {frames / secs:.1f} frames/s")
     return "; ".join(notes)
+
+
+def _video_info(path: Path) -> tuple[int, int, int]:
+    """(frames, width, height) of a video file as OpenCV reads it back; (0, 0, 0) when it cannot."""
+    import cv2
+
+    cap = cv2.VideoCapture(opencv_name(path))
+    try:
+        if not cap.isOpened():
+            return 0, 0, 0
+        props = (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT)
+        count, width, height = (int(cap.get(p)) for p in props)
+        return count, width, height
+    finally:
+        cap.release()
 
 
 def default_tiling() -> tuple[int, int]:
@@ -288,7 +393,7 @@ def sharpen_paths(
     with Progress(*columns, console=out, transient=True) as progress:
         files_task = progress.add_task("files", total=len(jobs))
         for job in jobs:
-            progress.update(files_task, description=escape(job.src.name))
+            progress.update(files_task, description=escape(printable(job.src.name)))
             try:
                 if job.video:
                     frames_task = progress.add_task("  frames", total=None)
@@ -305,14 +410,14 @@ def sharpen_paths(
                 done += 1
                 extra = f" ({note})" if note else ""
                 progress.console.print(
-                    f"{escape(str(job.src))} -> {escape(str(job.dst))}{escape(extra)}", soft_wrap=True
+                    escape(f"{printable(job.src)} -> {printable(job.dst)}{extra}"), soft_wrap=True
                 )
                 if job.preview is not None:
-                    progress.console.print(f"  preview: {escape(str(job.preview))}", soft_wrap=True)
+                    progress.console.print(f"  preview: {escape(printable(job.preview))}", soft_wrap=True)
             except Exception as exc:  # one bad file must not stop the batch; it is named and counted
                 failed += 1
                 msg = str(exc) if isinstance(exc, UserError) else f"{job.src}: {type(exc).__name__}: {exc}"
-                err.print(f"[red]error[/red]: {escape(msg)}", soft_wrap=True)
+                err.print(f"[red]error[/red]: {escape(printable(msg))}", soft_wrap=True)
             progress.advance(files_task)
     summary = f"sharpened {done} file(s)"
     if failed:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from sharpkd.errors import UserError
-from sharpkd.files import atomic_path
+from sharpkd.errors import UserError, load_error
+from sharpkd.files import atomic_path, remove_stale_temps
 from sharpkd.inference import default_device
+from sharpkd.progress import progress
 
 
 class NonFiniteLossError(UserError):
@@ -113,8 +114,10 @@ def fit(
     start, curve, best, best_step, best_state = 0, [], {}, -1, None
 
     ckpt_path = Path(checkpoint_path) if checkpoint_path else None
-    if ckpt_path and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt_path and rank == 0:
+        remove_stale_temps(ckpt_path.parent)  # a checkpoint half-written when a run was killed
+    ckpt = _read_checkpoint(ckpt_path, desc, rank) if ckpt_path and ckpt_path.is_file() else None
+    if ckpt is not None:
         if ckpt.get("fingerprint") == _jsonable(cfg.fingerprint) and ckpt.get("steps") == cfg.steps:
             objective.load_state_dict(ckpt["objective"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -172,7 +175,7 @@ def fit(
 
     objective.train()
     t0, last_metrics = time.perf_counter(), {}
-    bar = tqdm(
+    bar = progress(
         range(start, cfg.steps),
         desc=desc,
         unit="step",
@@ -215,9 +218,11 @@ def fit(
             row.update({f"val_{k}": v for k, v in last_metrics.items()})
         curve.append(row)
         if rank == 0:
+            # refresh=False: shown at the bar's next (rate-limited) redraw, not as a line per step.
             bar.set_postfix(
                 loss=f"{row['loss']:.4f}",
                 **({"val_psnr": f"{row['val_psnr']:.2f}"} if "val_psnr" in row else {}),
+                refresh=False,
             )
             if log_metrics and (done % cfg.log_every == 0 or "val_psnr" in row or done == cfg.steps):
                 log_metrics({k: v for k, v in row.items() if k != "step"}, done)
@@ -239,6 +244,27 @@ def fit(
         steps_per_s=ran / seconds if seconds > 0 else 0.0,
         resumed_from=start,
     )
+
+
+def _read_checkpoint(path: Path, desc: str, rank: int) -> dict | None:
+    """The resume state saved in `path`, or None: a corrupt or foreign file is set aside (renamed
+    `*.unreadable`, with a warning naming it) and training starts from step 0."""
+    try:
+        # weights_only: tensors and plain containers only; a crafted pickle placed here runs nothing.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"a {type(ckpt).__name__}, not a training checkpoint")
+        return ckpt
+    except Exception as exc:
+        if rank == 0 and path.is_file():
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            print(
+                f"[{desc}] warning: {path} cannot be resumed ({load_error(exc)}); "
+                f"moved to {aside}, training starts from step 0",
+                file=sys.stderr,
+            )
+        return None
 
 
 def _jsonable(d: dict) -> dict:

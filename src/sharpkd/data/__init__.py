@@ -1,0 +1,1 @@
+"""Data: where HR images come from (sources), how they are degraded (degradation), training batches (datasets)."""

@@ -1,11 +1,19 @@
 """Training batches and validation images read from the degrade / cache_teacher outputs.
 
-Batches are a pure function of (seed, step, rank): a resumed or distributed run
-draws exactly the patches an uninterrupted single-process run would assign it.
+Training data are whole images, each kind stored as one flat memory-mapped array per
+quantity (docs/architecture.md): the labelled images (HR, clean LR, the student's degraded
+input; the teacher's output and LR-grid features) and the teacher-only inputs (no HR: the
+teacher's input, the student's input, the teacher's output and features). A batch is
+`data.patch_size` crops drawn at random from them, aligned on the LR grid (the HR crop
+starts at a multiple of data.scale), each under one of the 8 dihedral transforms, the same
+for every quantity of a crop. Batches are a pure function of (seed, step, rank): a resumed
+or distributed run draws exactly the crops an uninterrupted single-process run would
+assign it, and DDP ranks draw from disjoint images.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +23,21 @@ import pandas as pd
 import torch
 
 from sharpkd.errors import UserError
-from sharpkd.images import read_rgb, to_tensor
+from sharpkd.images import read_rgb
 
-# key -> file in data/pairs (or data/teacher)
-PAIR_FILES = {"hr": "train_hr.npy", "lr": "train_lr.npy", "input": "train_input.npy"}
-TEACHER_FILES = {"teacher": "train_out.npy", "feat": "train_feat.npy"}
+# key -> file in data/pairs (PAIR) or data/teacher (TEACHER), for the labelled images ("train")
+# and the teacher-only inputs ("extra"). "lr" of a teacher-only input is what the teacher saw.
+PAIR_FILES = {
+    "train": {"hr": "train_hr.npy", "lr": "train_lr.npy", "input": "train_input.npy"},
+    "extra": {"lr": "extra_lr.npy", "input": "extra_input.npy"},
+}
+TEACHER_FILES = {
+    "train": {"teacher": "train_out.npy", "feat": "train_feat.npy"},
+    "extra": {"teacher": "extra_out.npy", "feat": "extra_feat.npy"},
+}
+MANIFESTS = {"train": "train_manifest.csv", "extra": "extra_manifest.csv"}
+LR_GRID = ("lr", "feat")  # keys on the LR grid; the others are on the output (HR) grid
+KEYS = ("hr", "lr", "input", "teacher", "feat")
 
 
 def _load(path: Path) -> np.ndarray:
@@ -28,30 +46,131 @@ def _load(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def read_pairs_info(pairs_dir: str | Path) -> dict:
+    path = Path(pairs_dir) / "pairs.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `dvc repro degrade`")
+    return json.loads(path.read_text())
+
+
+def image_sizes(pairs_dir: str | Path, kind: str, scale: int) -> np.ndarray:
+    """(n, 2) LR-grid (height, width) of each image of `kind` ("train" or "extra"), in manifest order.
+
+    train_manifest.csv gives the HR size (a multiple of scale), extra_manifest.csv the teacher input's size.
+    """
+    path = Path(pairs_dir) / MANIFESTS[kind]
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `dvc repro degrade`")
+    man = pd.read_csv(path, usecols=["width", "height"])
+    hw = man[["height", "width"]].to_numpy(np.int64).reshape(-1, 2)
+    return hw // scale if kind == "train" else hw
+
+
+class ImagePool:
+    """Whole images of one kind: per key a flat memory-mapped array holding image after image (HxWxC)."""
+
+    def __init__(self, name: str, lr_sizes: np.ndarray, scale: int, arrays: dict[str, np.ndarray]):
+        self.name, self.scale, self.lr_sizes = name, scale, lr_sizes
+        self.arrays, self.offsets, self.channels = {}, {}, {}
+        pixels = lr_sizes.prod(axis=1)
+        for key, flat in arrays.items():
+            per_image = pixels if key in LR_GRID else pixels * scale * scale
+            total = int(per_image.sum())
+            if flat.ndim != 1 or total == 0 or len(flat) % total:
+                raise UserError(
+                    f"{name} images: {key} holds {flat.size} values, not a whole number of channels for "
+                    f"{len(lr_sizes)} images of {total} pixels; rerun `dvc repro` from degrade"
+                )
+            c = len(flat) // total
+            self.arrays[key], self.channels[key] = flat, c
+            self.offsets[key] = np.concatenate([[0], np.cumsum(per_image * c)])
+        # One HxWxC view per image and key, made once (plain ndarrays over the memory maps: no copy).
+        self.views = {key: [self._view(key, i) for i in range(len(lr_sizes))] for key in self.arrays}
+
+    def __len__(self) -> int:
+        return len(self.lr_sizes)
+
+    def _view(self, key: str, i: int) -> np.ndarray:
+        h, w = (int(v) for v in self.lr_sizes[i])
+        if key not in LR_GRID:
+            h, w = h * self.scale, w * self.scale
+        a, b = self.offsets[key][i], self.offsets[key][i + 1]
+        return np.asarray(self.arrays[key][a:b]).reshape(h, w, self.channels[key])
+
+    def image(self, key: str, i: int) -> np.ndarray:
+        """Image `i` of `key` as an HxWxC view (no copy)."""
+        return self.views[key][i]
+
+    def crop(self, key: str, i: int, ly: int, lx: int, lr_side: int) -> np.ndarray:
+        """The crop whose LR-grid box is (ly, lx, lr_side); on the output grid it starts at (ly*s, lx*s)."""
+        img = self.views[key][i]
+        if key in LR_GRID:
+            return img[ly : ly + lr_side, lx : lx + lr_side]
+        s = self.scale
+        return img[ly * s : (ly + lr_side) * s, lx * s : (lx + lr_side) * s]
+
+
+def teacher_only_count(batch_size: int, fraction: float) -> int:
+    """Crops of a batch drawn from teacher-only inputs: round(batch_size * fraction), at least 1 when fraction > 0."""
+    if fraction <= 0:
+        return 0
+    return min(batch_size, max(1, round(batch_size * fraction)))
+
+
 class TrainPatches:
-    """Memory-mapped training arrays; `keys` picks which ones a run needs."""
+    """Random aligned crops of the training images; `keys` picks the quantities a run needs.
+
+    With `unlabeled_fraction` > 0 that share of each batch comes from the teacher-only inputs: their
+    "hr" is zeros and the batch gets `labelled` (B,) = 1 for labelled crops, 0 for teacher-only ones,
+    so the loss terms that need HR can skip them. Every batch also carries `crop` (B, 5) int64:
+    pool (0 labelled, 1 teacher-only), image, LR-grid y and x, dihedral transform.
+    """
 
     def __init__(
-        self, pairs_dir: str | Path = "data/pairs", teacher_dir: str | Path | None = None, keys=("hr", "lr")
+        self,
+        pairs_dir: str | Path = "data/pairs",
+        teacher_dir: str | Path | None = None,
+        keys=("hr", "lr"),
+        unlabeled_fraction: float = 0.0,
     ):
-        self.arrays: dict[str, np.ndarray] = {}
+        unknown = [k for k in keys if k not in KEYS]
+        if unknown:
+            raise ValueError(f"unknown array {unknown[0]!r}")
+        info = read_pairs_info(pairs_dir)
+        self.scale, self.patch_size = int(info["scale"]), int(info["patch_size"])
+        self.lr_side = self.patch_size // self.scale
+        self.keys = tuple(keys)
+        self.fraction = unlabeled_fraction
+        self.pools = [self._pool(pairs_dir, teacher_dir, "train", self.keys)]
+        if unlabeled_fraction > 0:
+            if teacher_dir is None:
+                raise ValueError(
+                    "teacher-only inputs need teacher_dir (the teacher's output is their target)"
+                )
+            self.pools.append(
+                self._pool(pairs_dir, teacher_dir, "extra", tuple(k for k in self.keys if k != "hr"))
+            )
+        self.n = len(self.pools[0])
+
+    def _pool(self, pairs_dir, teacher_dir, kind: str, keys: tuple[str, ...]) -> ImagePool:
+        sizes = image_sizes(pairs_dir, kind, self.scale)
+        if len(sizes) == 0:
+            raise UserError(f"{Path(pairs_dir) / MANIFESTS[kind]}: no {kind} images")
+        small = np.flatnonzero((sizes < self.lr_side).any(axis=1))
+        if len(small):
+            raise UserError(
+                f"{Path(pairs_dir) / MANIFESTS[kind]}: image {int(small[0])} is smaller than a training crop "
+                f"(data.patch_size={self.patch_size}); rerun `dvc repro degrade`"
+            )
+        arrays = {}
         for key in keys:
-            if key in PAIR_FILES:
-                self.arrays[key] = _load(Path(pairs_dir) / PAIR_FILES[key])
-            elif key in TEACHER_FILES:
+            if key in PAIR_FILES[kind]:
+                arrays[key] = _load(Path(pairs_dir) / PAIR_FILES[kind][key])
+            else:
                 if teacher_dir is None:
                     raise ValueError(f"{key} needs teacher_dir")
-                self.arrays[key] = _load(Path(teacher_dir) / TEACHER_FILES[key])
-            else:
-                raise ValueError(f"unknown array {key!r}")
-        lengths = {k: len(a) for k, a in self.arrays.items()}
-        if len(set(lengths.values())) != 1:
-            raise UserError(
-                f"training arrays are not aligned (lengths {lengths}); rerun `dvc repro` from degrade"
-            )
-        self.n = next(iter(lengths.values()))
-        if self.n == 0:
-            raise UserError(f"{pairs_dir}: no training patches")
+                arrays[key] = _load(Path(teacher_dir) / TEACHER_FILES[kind][key])
+        return ImagePool(kind, sizes, self.scale, arrays)
 
     def __len__(self) -> int:
         return self.n
@@ -59,26 +178,60 @@ class TrainPatches:
     def batch_fn(
         self, batch_size: int, seed: int, rank: int = 0, world: int = 1
     ) -> Callable[[int], dict[str, torch.Tensor]]:
-        shard = np.arange(rank, self.n, world)
+        counts = [batch_size - teacher_only_count(batch_size, self.fraction)]
+        if len(self.pools) > 1:
+            counts.append(batch_size - counts[0])
+        shards = []
+        for pool in self.pools:
+            shard = np.arange(rank, len(pool), world)
+            if len(shard) == 0:
+                raise UserError(
+                    f"{len(pool)} {pool.name} images cannot be shared among {world} processes (each needs one)"
+                )
+            shards.append(shard)
+        q, p = self.lr_side, self.patch_size
 
         def batch(step: int) -> dict[str, torch.Tensor]:
             rng = np.random.default_rng([seed, step, rank])
-            idx = np.sort(rng.choice(shard, size=batch_size, replace=len(shard) < batch_size))
-            flips = rng.integers(0, 8, size=batch_size)  # one of the 8 dihedral transforms per sample
-            out = {}
-            for key, arr in self.arrays.items():
-                rows = arr[idx]
-                t = to_tensor(rows) if rows.dtype == np.uint8 else torch.from_numpy(rows).float()
-                out[key] = torch.stack([_dihedral(t[i], int(f)) for i, f in enumerate(flips)])
+            crops = []  # (pool, image, ly, lx, dihedral)
+            for k, (pool, shard, count) in enumerate(zip(self.pools, shards, counts, strict=True)):
+                if count == 0:
+                    continue
+                images = shard[rng.integers(0, len(shard), size=count)]
+                room = pool.lr_sizes[images] - q + 1  # crop positions per axis, on the LR grid
+                ys, xs = rng.integers(0, room[:, 0]), rng.integers(0, room[:, 1])
+                flips = rng.integers(0, 8, size=count)
+                crops += [
+                    (k, int(i), int(y), int(x), int(f))
+                    for i, y, x, f in zip(images, ys, xs, flips, strict=True)
+                ]
+            out: dict[str, torch.Tensor] = {}
+            for key in self.keys:
+                side = q if key in LR_GRID else p
+                first = next(pool for pool in self.pools if key in pool.arrays)
+                c, dtype = first.channels[key], first.arrays[key].dtype
+                # NCHW straight away: each crop is copied once, already transposed and turned.
+                arr = np.zeros((len(crops), c, side, side), dtype)
+                for b, (k, i, y, x, f) in enumerate(crops):
+                    pool = self.pools[k]
+                    if key in pool.arrays:  # a teacher-only crop has no "hr": it stays zeros
+                        arr[b] = _dihedral(pool.crop(key, i, y, x, q).transpose(2, 0, 1), f)
+                t = torch.from_numpy(arr)
+                out[key] = t.float().div_(255.0) if dtype == np.uint8 else t.float()
+            if len(self.pools) > 1:
+                out["labelled"] = torch.tensor([float(c[0] == 0) for c in crops])
+            out["crop"] = torch.tensor(crops, dtype=torch.int64)
             return out
 
         return batch
 
 
-def _dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
+def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    """One of the 8 dihedral transforms of a CxHxW array (a view): a horizontal flip when k & 4, then k & 3
+    quarter turns (torch.rot90's direction, dims (H, W))."""
     if k & 4:
-        t = t.flip(-1)
-    return torch.rot90(t, k & 3, dims=(-2, -1))
+        a = a[:, :, ::-1]
+    return np.rot90(a, k & 3, axes=(1, 2))
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 from sharpkd.config import Params
 from sharpkd.errors import UserError
 from sharpkd.fetch import DownloadError, download
-from sharpkd.images import ImageReadError, list_images, read_rgb
+from sharpkd.images import ImageReadError, list_images, printable, read_rgb
 
 # scikit-image's bundled colour photographs that load without a download.
 SAMPLE_PHOTOS = (
@@ -77,9 +77,14 @@ def _folder_items(folder: Path, key: str) -> list:
         raise UserError(
             f"params: '{key}' = {folder}: no images found (looked for PNG, JPEG, TIFF, WebP, BMP, recursively)"
         )
-    # Subfolders become part of the name so two photos called 1.png in different folders both survive.
+    # Subfolders become part of the name so two photos called 1.png in different folders both survive;
+    # names that are not UTF-8 are written escaped (manifest.csv and DVC want text).
     return [
-        ("__".join(f.relative_to(folder).with_suffix("").parts), str(f), (lambda f=f: read_rgb(f)))
+        (
+            printable("__".join(f.relative_to(folder).with_suffix("").parts)),
+            printable(f),
+            (lambda f=f: read_rgb(f)),
+        )
         for f in files
     ]
 

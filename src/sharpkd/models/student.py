@@ -12,32 +12,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharpkd.models.rep import RepConv3x3, fold_rep
+
 ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
 class Student(nn.Module):
-    def __init__(self, scale: int = 4, channels: int = 32, blocks: int = 4, activation: str = "relu"):
+    """`block="rep"` trains each 3x3 conv as a sum of linear branches (models/rep.py); `deploy()` folds
+    them into the plain network, which is what is saved, exported and run: same graph, same cost."""
+
+    def __init__(
+        self,
+        scale: int = 4,
+        channels: int = 32,
+        blocks: int = 4,
+        activation: str = "relu",
+        block: str = "plain",
+        rep_expand: float = 2.0,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if block not in ("plain", "rep"):
+            raise ValueError(f"block must be 'plain' or 'rep', got {block!r}")
         self.scale = scale
         self.channels = channels
+        self.block = block
+        self.rep_expand = rep_expand
         act = ACTIVATIONS[activation]
         lr_channels = 3 * scale * scale
-        self.head = nn.Sequential(nn.Conv2d(lr_channels, channels, 3, padding=1), act())
-        self.body = nn.Sequential(
-            *[m for _ in range(blocks) for m in (nn.Conv2d(channels, channels, 3, padding=1), act())]
-        )
-        self.tail = nn.Conv2d(channels, lr_channels, 3, padding=1)
+
+        def conv3x3(cin: int, cout: int, identity: bool | None = None) -> nn.Module:
+            if block == "plain":
+                return nn.Conv2d(cin, cout, 3, padding=1)
+            # online_fold: one conv from the folded weights per step, as fast as the plain student.
+            return RepConv3x3(cin, cout, expand=rep_expand, identity=identity, online_fold=True)
+
+        self.head = nn.Sequential(conv3x3(lr_channels, channels), act())
+        self.body = nn.Sequential(*[m for _ in range(blocks) for m in (conv3x3(channels, channels), act())])
+        self.tail = conv3x3(channels, lr_channels, identity=False)
         # He init keeps the conv stack's activations alive (PyTorch's default init shrinks them
-        # layer after layer and the ReLUs die within a few steps).
+        # layer after layer and the ReLUs die within a few steps). RepConv3x3 inits its own branches.
         for m in [*self.head, *self.body]:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
         # Start as the identity: the residual branch begins at zero, so step 0 equals the input.
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        if isinstance(self.tail, RepConv3x3):
+            self.tail.zero_init()
+        else:
+            nn.init.zeros_(self.tail.weight)
+            nn.init.zeros_(self.tail.bias)
+
+    def deploy(self) -> Student:
+        """The plain network computing the same function (a copy; `self` if it is plain already)."""
+        if self.block == "plain":
+            return self
+        plain = fold_rep(self)
+        plain.block = "plain"
+        return plain
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, LR-grid body features). Any H, W: padded to a multiple of scale, cropped back."""
@@ -60,6 +93,8 @@ class Student(nn.Module):
             "channels": self.channels,
             "blocks": len(self.body) // 2,
             "activation": name,
+            "block": self.block,
+            "rep_expand": self.rep_expand,
         }
 
 
@@ -98,14 +133,18 @@ def save_student(model: Student, path, extra: dict | None = None) -> None:
 def load_student(path, device: str | torch.device = "cpu") -> Student:
     from pathlib import Path
 
-    from sharpkd.errors import UserError
+    from sharpkd.errors import UserError, load_error
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: student weights not found (run `dvc repro distill` first)")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
-        raise UserError(f"{path}: not a sharpkd student checkpoint (expected keys 'arch' and 'state_dict')")
-    model = Student(**ckpt["arch"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        # weights_only: tensors and plain containers, never code (a crafted pickle is refused).
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
+            raise ValueError("expected keys 'arch' and 'state_dict'")
+        model = Student(**ckpt["arch"])
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:  # a truncated, foreign or code-carrying file
+        raise UserError(f"{path}: not a sharpkd student checkpoint ({load_error(exc)})") from None
     return model.to(device).eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sharpkd.errors import UserError
+from sharpkd.errors import UserError, load_error
 from sharpkd.fetch import file_digest
 from sharpkd.models import count_params
 from sharpkd.models.edsr import EDSR
@@ -54,7 +54,7 @@ def load_state_dict_file(model: nn.Module, path: str | Path, what: str) -> nn.Mo
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # a wrong, truncated or code-carrying file
-        raise UserError(f"{path}: not a {what} state dict ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: not a {what} state dict ({load_error(exc)})") from None
     return model
 
 

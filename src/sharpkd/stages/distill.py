@@ -1,5 +1,10 @@
 """DVC stage `distill`: train the student against HR, the cached teacher outputs and features.
 
+Batches are random crops of the whole training images (data/datasets.py); with
+distill.unlabeled_fraction > 0 that share of each batch comes from the teacher-only inputs,
+whose only target is the teacher. With distill.teacher false (the no-teacher baseline) nothing
+of the teacher cache but cache.json is read.
+
 -> models/student/, metrics/train.json, metrics/train_curve.tsv. Runs unchanged under
 `torchrun --nproc_per_node=N -m sharpkd.stages.distill` (DDP; rank 0 writes).
 """
@@ -13,7 +18,7 @@ import pandas as pd
 import torch
 
 from sharpkd.config import Params, flatten
-from sharpkd.data.datasets import TrainPatches, load_valid
+from sharpkd.data.datasets import TrainPatches, load_valid, read_pairs_info, teacher_only_count
 from sharpkd.errors import UserError
 from sharpkd.fetch import resolve_weights_dir
 from sharpkd.files import atomic_dir, atomic_path, write_json
@@ -31,19 +36,34 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     if params.distill.threads:
         torch.set_num_threads(params.distill.threads)
     cache_info = _cache_info(teacher_dir)
+    if params.distill.teacher and not cache_info.get("train"):
+        raise UserError(
+            f"{teacher_dir / 'cache.json'}: the teacher cache holds no training outputs (it was made with "
+            "distill.teacher false); run `dvc repro cache_teacher`"
+        )
     torch.manual_seed(params.seed)
     sp = params.student
     student = Student(
-        scale=params.data.scale, channels=sp.channels, blocks=sp.blocks, activation=sp.activation
+        scale=params.data.scale,
+        channels=sp.channels,
+        blocks=sp.blocks,
+        activation=sp.activation,
+        block=sp.block,
+        rep_expand=sp.rep_expand,
     )
     # Built before any step: a missing VGG file or feature cache stops here.
     objective = DistillObjective(
         student, params.loss, cache_info.get("feature_channels", 0), resolve_weights_dir(params.weights.dir)
     )
-    patches = TrainPatches(pairs_dir, teacher_dir, keys=objective.needed_keys())
+    d = params.distill
+    patches = TrainPatches(
+        pairs_dir,
+        teacher_dir if d.teacher else None,
+        keys=objective.needed_keys(),
+        unlabeled_fraction=d.unlabeled_fraction,
+    )
     valid = load_valid(pairs_dir) if rank == 0 else []
     metrics = QualityMetrics(params.data.scale, lpips=False)
-    d = params.distill
     cfg = FitConfig(
         steps=d.steps,
         lr=d.lr,
@@ -59,6 +79,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
             "params": _training_params(params),
             "world": world,
             "cache": _cache_identity(cache_info),
+            "pairs": read_pairs_info(pairs_dir),
         },
     )
     result = fit(
@@ -86,6 +107,8 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     best = Student(**student_cpu.arch_kwargs())
     prefix = "student."
     best.load_state_dict({k[len(prefix) :]: v for k, v in result.best_state.items() if k.startswith(prefix)})
+    # What is saved, exported and run is the plain network (a rep student folded into it).
+    best, last = best.deploy(), student_cpu.deploy()
     summary = {
         "steps": result.steps,
         "best_step": result.best_step,
@@ -98,12 +121,19 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         "params": count_params(best),
         "gmacs_1080p": round(conv_macs(best) / 1e9, 3),
         "world_size": world,
+        "teacher_only_per_batch": teacher_only_count(d.batch_size, d.unlabeled_fraction),
     }
     loss_terms = [k for k, v in objective.w.items() if v > 0]
     with atomic_dir(out_dir) as tmp:
         save_student(best, tmp / "student.pth", {"val": result.best_metrics, "step": result.best_step})
-        save_student(student_cpu, tmp / "last.pth", {"val": result.last_metrics, "step": result.steps})
-        write_json(tmp / "student.json", {"arch": best.arch_kwargs(), "loss_terms": loss_terms, **summary})
+        save_student(last, tmp / "last.pth", {"val": result.last_metrics, "step": result.steps})
+        student_json = {
+            "arch": best.arch_kwargs(),
+            "trained_block": sp.block,
+            "loss_terms": loss_terms,
+            **summary,
+        }
+        write_json(tmp / "student.json", student_json)
     write_json(paths.metrics / "train.json", summary)
     with atomic_path(paths.metrics / "train_curve.tsv") as tmp:
         pd.DataFrame(result.curve).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
@@ -123,7 +153,8 @@ def _training_params(params: Params) -> dict:
 
 
 def _cache_identity(cache_info: dict) -> dict:
-    return {k: v for k, v in cache_info.items() if k not in ("device", "patches_per_s", "valid_seconds")}
+    timings = ("device", "lr_pixels_per_s", "train_seconds", "valid_seconds")
+    return {k: v for k, v in cache_info.items() if k not in timings}
 
 
 def _cache_info(teacher_dir) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pandas as pd
-from tqdm import tqdm
 
 from sharpkd.config import Params
 from sharpkd.data.sources import source_images
@@ -11,6 +10,7 @@ from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
 from sharpkd.files import atomic_dir
 from sharpkd.images import ImageReadError, save_image
+from sharpkd.progress import progress
 from sharpkd.stages import StagePaths, run_stage
 
 
@@ -22,7 +22,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     with atomic_dir(out_dir) as tmp:
         for split, items in splits.items():
             used = set()
-            for name, origin, loader in tqdm(list(items), desc=f"download: {split}", unit="img"):
+            for name, origin, loader in progress(list(items), desc=f"download: {split}", unit="img"):
                 try:
                     rgb, note = loader()
                 except ImageReadError as exc:

@@ -17,7 +17,6 @@ reported, recorded in eval.json and skipped; the rest is still evaluated.
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +24,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from sharpkd.config import DegradationParams, Params
+from sharpkd.config import Params
 from sharpkd.data.datasets import load_valid
-from sharpkd.data.degradation import crop_to_multiple, degrade_image, resize
+from sharpkd.data.degradation import resize
+from sharpkd.data.evalsets import EvalImage, extra_set_images, problem, too_small
 from sharpkd.errors import UserError
 from sharpkd.fetch import resolve_weights_dir
 from sharpkd.files import atomic_dir, atomic_path, write_json
-from sharpkd.images import ImageReadError, list_images, read_rgb, to_image
+from sharpkd.images import to_image
 from sharpkd.inference import default_device, run_tiled, tiled_apply
 from sharpkd.metrics import QualityMetrics, mean_scores
 from sharpkd.models import count_params
 from sharpkd.models.student import conv_macs, load_student
 from sharpkd.models.teacher import load_teacher
+from sharpkd.progress import progress
 from sharpkd.stages import StagePaths, run_stage
 from sharpkd.timing import cpu_name, time_ms
 
@@ -59,15 +59,6 @@ FRAME_1080P = (1080, 1920)
 
 
 @dataclass
-class EvalImage:
-    name: str
-    hr: np.ndarray
-    lr: np.ndarray  # clean LR (what the teacher sees)
-    input: np.ndarray  # degraded full-size image (what the student sees; the bicubic baseline)
-    teacher: np.ndarray | None = None  # cached teacher output (validation split only)
-
-
-@dataclass
 class SetResult:
     name: str
     rows: list[dict] = field(default_factory=list)  # one per image and method
@@ -79,68 +70,6 @@ class SetResult:
         return len({r["image"] for r in self.rows})
 
 
-def _too_small(img: np.ndarray, min_side: int, scale: int) -> str | None:
-    h, w = img.shape[:2]
-    if min(h, w) < min_side:
-        return (
-            f"{w}x{h} (cropped to a multiple of data.scale={scale}) is smaller than the {min_side} pixels per side "
-            f"the metrics need at scale {scale}"
-        )
-    return None
-
-
-def _problem(problems: list[str], message: str) -> None:
-    """Record a bad input and say so at once (the evaluation goes on without it)."""
-    problems.append(message)
-    tqdm.write(f"[evaluate] skipped: {message}")
-
-
-def image_seed(seed: int, set_name: str, image: str) -> list[int]:
-    """Per-image seed of an extra set's degradation: independent of the other images and sets."""
-    return [seed, 2, zlib.crc32(set_name.encode()), zlib.crc32(image.encode())]
-
-
-def extra_set_images(
-    set_name: str,
-    folder: str | Path,
-    scale: int,
-    deg: DegradationParams,
-    seed: int,
-    min_side: int,
-    problems: list[str],
-) -> Iterator[EvalImage]:
-    """The HR images of one eval.sets folder, degraded; problems are appended to `problems` and skipped."""
-    key = f"eval.sets.{set_name}"
-    if not folder:
-        _problem(problems, f"{key}: no folder given")
-        return
-    folder = Path(folder)
-    if not folder.is_dir():
-        _problem(
-            problems,
-            f"{key}: {folder} is not a folder" if folder.exists() else f"{key}: folder {folder} not found",
-        )
-        return
-    paths = list_images(folder)
-    if not paths:
-        _problem(problems, f"{key}: no images in {folder}")
-        return
-    for p in paths:
-        name = p.relative_to(folder).with_suffix("").as_posix()
-        try:
-            hr = crop_to_multiple(read_rgb(p)[0], scale)
-        except ImageReadError as exc:
-            _problem(problems, f"{key}: {exc}")
-            continue
-        if why := _too_small(hr, min_side, scale):
-            _problem(problems, f"{key}: {p}: {why}")
-            continue
-        lr, degraded, _ = degrade_image(
-            hr, scale, deg, np.random.default_rng(image_seed(seed, set_name, name))
-        )
-        yield EvalImage(name, hr, lr, degraded)
-
-
 def valid_images(
     pairs_dir: Path, teacher_cache_dir: Path, min_side: int, scale: int, problems: list[str]
 ) -> Iterator[EvalImage]:
@@ -150,8 +79,8 @@ def valid_images(
                 f"{teacher_cache_dir}/valid/{im.name}.png is {im.teacher.shape[1]}x{im.teacher.shape[0]}, "
                 f"its HR image {im.hr.shape[1]}x{im.hr.shape[0]}: the teacher cache is stale; run `dvc repro cache_teacher`"
             )
-        if why := _too_small(im.hr, min_side, scale):
-            _problem(problems, f"{VALID}: {im.name}: {why}")
+        if why := too_small(im.hr, min_side, scale):
+            problem(problems, f"{VALID}: {im.name}: {why}")
             continue
         yield EvalImage(im.name, im.hr, im.lr, im.input, im.teacher)
 
@@ -185,7 +114,7 @@ def score_set(
 
     Aligned crops of the first `compare_images` images are kept when all of METHODS were scored.
     """
-    for im in tqdm(images, desc=f"evaluate {set_name}", unit="img"):
+    for im in progress(images, desc=f"evaluate {set_name}", unit="img"):
         outs = {m: fn(im) for m, fn in methods.items()}
         scores = {}
         for method, out in outs.items():

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sharpkd import __version__
 from sharpkd.config import PIPELINE_GROUPS, Params, flatten
+from sharpkd.data.datasets import TrainPatches, load_valid
+from sharpkd.data.evalsets import extra_set_images
 from sharpkd.errors import UserError
 from sharpkd.export import (
     FRAME_1080P,
@@ -21,8 +24,12 @@ from sharpkd.export import (
 )
 from sharpkd.fetch import file_digest
 from sharpkd.files import atomic_dir, write_json
+from sharpkd.inference import run_tiled
+from sharpkd.metrics import QualityMetrics, mean_scores
 from sharpkd.models import count_params
 from sharpkd.models.student import Student, conv_macs, load_student
+from sharpkd.quantize import quantize_student
+from sharpkd.runtime import OnnxFunction, ort_session
 from sharpkd.stages import StagePaths, run_stage
 
 # ---------------------------------------------------------------- model card
@@ -260,6 +267,43 @@ def model_card(
 # ---------------------------------------------------------------- the stage
 
 
+def export_int8(params: Params, paths: StagePaths, fp32_path: Path, int8_path: Path) -> dict:
+    """student_int8.onnx calibrated on training-input crops, and what it costs against the float32 model
+    in PSNR / SSIM on the validation split and every eval.sets entry (same images, same tiling)."""
+    scale, tile, overlap = params.data.scale, params.infer.tile, params.infer.overlap
+    draw = TrainPatches(paths.pairs, keys=("input",)).batch_fn(params.export.int8_calibration, params.seed)
+    info = quantize_student(fp32_path, int8_path, [c[None].numpy() for c in draw(0)["input"]])
+    out: dict = {
+        "int8.calibration_images": info["calibration_images"],
+        "int8.method": info["method"],
+        "int8.quantized_ops": json.dumps(info["quantized_ops"]),
+    }
+    metrics = QualityMetrics(scale, lpips=False)
+    sets = {"valid": [(im.input, im.hr) for im in load_valid(paths.pairs)]}
+    for name, folder in params.eval.sets.items():
+        found = extra_set_images(name, folder, scale, params.degradation, params.seed, metrics.min_side, [])
+        sets[name] = [(im.input, im.hr) for im in found]
+    scores = {}
+    for precision, path in (("fp32", fp32_path), ("int8", int8_path)):
+        session = OnnxFunction(ort_session(path, "cpu", torch.get_num_threads()))
+        for name, images in sets.items():
+            outs = [run_tiled(session, x, 1, tile, overlap, align=scale) for x, _ in images]
+            rows = [metrics.score(out, hr) for out, (_, hr) in zip(outs, images, strict=True)]
+            scores[name, precision] = mean_scores(rows)
+        del session  # one live session at a time (see export.measure_speed)
+    for name in sets:
+        for k in ("psnr", "ssim"):
+            fp32, int8 = scores[name, "fp32"].get(k), scores[name, "int8"].get(k)
+            out[f"int8.{name}.{k}_fp32"], out[f"int8.{name}.{k}_int8"] = fp32, int8
+            out[f"int8.{name}.{k}_cost"] = None if fp32 is None or int8 is None else round(fp32 - int8, 5)
+    print(
+        "[export] INT8: "
+        + ", ".join(f"{n} {out[f'int8.{n}.psnr_cost']} dB PSNR below float32" for n in sets)
+        + f" ({info['quantized_ops']} quantised)"
+    )
+    return out
+
+
 def run(params: Params, paths: StagePaths, tracker) -> dict:
     """Export, check parity (float32 beyond export.parity_tol is an error), time, write the model card."""
     ep = params.export
@@ -294,6 +338,9 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
                     f"export: {name} output differs from PyTorch by {diff:.3g} "
                     f"(export.parity_tol is {ep.parity_tol:g}); the exported model is not trustworthy"
                 )
+        if ep.int8:
+            files["student_int8.onnx"] = tmp / "student_int8.onnx"
+            metrics.update(export_int8(params, paths, files["student.onnx"], files["student_int8.onnx"]))
         metrics.update(
             measure_speed(
                 model,
@@ -301,6 +348,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
                 files["student.pt"],
                 files.get("student_fp16.onnx"),
                 ep.speed_repeats,
+                files.get("student_int8.onnx"),
             )
         )
         card, md = model_card(

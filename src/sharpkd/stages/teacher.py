@@ -41,8 +41,8 @@ def _spandrel(path: Path, params: Params, origin: str) -> Obtained:
 
 
 def _swinir(params: Params, paths: StagePaths, tracker) -> Obtained:
-    path, _ = _pretrained(params, "swinir")
-    return _spandrel(path, params, str(path))
+    path, url = _pretrained(params, "swinir")
+    return _spandrel(path, params, url)  # the URL: the local copy's path is the account's business
 
 
 def _checkpoint(params: Params, paths: StagePaths, tracker) -> Obtained:

@@ -28,7 +28,11 @@ Runs: one parent run per pipeline execution, one nested child run per stage that
     parent's description names the stages whose results come from earlier runs.
     Parent name: the DVC experiment name, else `<git rev>[-dirty]-<time>`. Its status is
     FINISHED after each stage that succeeded (the next stage reopens it), FAILED when one fails.
-    A failed stage's run is FAILED (KILLED on Ctrl-C) with the message in the tag `error`.
+    A failed stage's run is FAILED (KILLED on Ctrl-C or SIGTERM) with the message in the tag `error`.
+    A stage tags its run and the parent with its process (`sharpkd.process`: host:pid:start time);
+    a run still RUNNING whose process is gone (kill -9, the OOM killer) is marked KILLED by the
+    next stage that opens the store, or by `sharpkd ui`. Stages without outputs (check_params)
+    open no run.
 
 What is logged
     Tags (parent and child): git.commit, git.dirty, dvc.exp_name, data.source, teacher.source,

@@ -94,7 +94,8 @@ def numeric_only(metrics: dict[str, Any]) -> dict[str, float]:
 
 def describe_error(exc: BaseException) -> str:
     text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-    return text[:7000]
+    # A file name that is not UTF-8 (lone surrogates) would make SQLite refuse the whole tag.
+    return text.encode("utf-8", "backslashreplace").decode()[:7000]
 
 
 def chunks(items: list, n: int) -> Iterator[list]:

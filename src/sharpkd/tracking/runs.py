@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -246,6 +247,51 @@ def _experiment_id(client: LockedClient, name: str, artifact_root: Path | None) 
         return exp.experiment_id
 
 
+PROCESS_TAG = "sharpkd.process"
+
+
+def process_tag() -> str:
+    """`host:pid:start time` of this process: a later one can tell whether it still runs."""
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.0f}"
+
+
+def _gone(tag: str) -> bool:
+    """Whether the process named by a PROCESS_TAG value has ended (False when it cannot be told:
+    another host, or a tag from elsewhere)."""
+    import psutil
+
+    try:
+        host, pid, start = tag.rsplit(":", 2)
+        pid, start = int(pid), float(start)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - start) > 1  # a new process with a reused pid
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def mark_orphans_killed(client: LockedClient, experiment_ids: list[str]) -> list[str]:
+    """Runs left RUNNING by a stage process that no longer exists (kill -9, the OOM killer, a
+    crash) are marked KILLED, with the reason in their `error` tag; returns their ids."""
+    from mlflow.entities import RunTag
+
+    found = client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000)
+    gone = [r for r in found if _gone(r.data.tags.get(PROCESS_TAG, ""))]
+    for run in gone:
+        pid = run.data.tags[PROCESS_TAG].rsplit(":", 2)[1]
+        note = f"killed: process {pid} ended without closing this run (marked KILLED later)"
+        client.log_batch(run.info.run_id, tags=[RunTag("error", note)])
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [r.info.run_id for r in gone]
+
+
 def _open(stage: str, params: Params) -> MlflowTracker:
     from mlflow.entities import Param
 
@@ -253,6 +299,7 @@ def _open(stage: str, params: Params) -> MlflowTracker:
     try:
         client = LockedClient(store)
         exp_id = _experiment_id(client, params.tracking.experiment, store.artifact_root)
+        mark_orphans_killed(client, [exp_id])  # before this stage looks for its parent
     except UserError:
         raise
     except Exception as exc:
@@ -279,6 +326,7 @@ def _open(stage: str, params: Params) -> MlflowTracker:
         common["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     key = execution_key()
     stages = dvc_stages()
+    me = process_tag()
 
     def find_or_create_parent() -> str:
         quoted = key.replace("'", "\\'")
@@ -290,6 +338,7 @@ def _open(stage: str, params: Params) -> MlflowTracker:
         )
         if found and stage not in found[0].data.tags.get("sharpkd.stages", "").split(","):
             run_id = found[0].info.run_id
+            client.client.set_tag(run_id, PROCESS_TAG, me)
             client.client.update_run(run_id, status="RUNNING")
             return run_id
         when = time.strftime("%Y%m%d-%H%M%S")
@@ -302,6 +351,7 @@ def _open(stage: str, params: Params) -> MlflowTracker:
             "sharpkd.params_hash": params_hash,
             "sharpkd.stages": "",
             "mlflow.source.name": "dvc.yaml",
+            PROCESS_TAG: me,
         }
         run = client.client.create_run(exp_id, run_name=name, tags=tags)
         items = [Param(k, param_text(v)) for k, v in flat.items()]
@@ -321,6 +371,7 @@ def _open(stage: str, params: Params) -> MlflowTracker:
             "sharpkd.role": "stage",
             "sharpkd.stage": stage,
             "sharpkd.execution": key,
+            PROCESS_TAG: me,
         },
     )
     tracker = MlflowTracker(
@@ -346,7 +397,12 @@ def _close(tracker: MlflowTracker, stage: str, status: str, error: str | None) -
         run = client.client.get_run(tracker.parent_id)
         done = [s for s in run.data.tags.get("sharpkd.stages", "").split(",") if s]
         done.append(stage)
-        order = [s for s in tracker.stages if s != "__plots__"]
+        # Stages that write nothing (check_params) are no part of an execution's results.
+        order = [
+            s
+            for s, d in tracker.stages.items()
+            if s != "__plots__" and any(d.get(k) for k in ("outs", "metrics", "plots"))
+        ]
         done = sorted(set(done), key=lambda s: order.index(s) if s in order else len(order))
         skipped = [s for s in order if s not in done]
         note = f"Stages that ran in this execution: {', '.join(done)}."
@@ -381,8 +437,8 @@ def stage_run(stage: str, params: Params) -> Iterator[StageTracker]:
     try:
         yield tracker
         tracker.log_dvc_outputs(stage)
-    except KeyboardInterrupt:
-        status, error = "KILLED", "interrupted"
+    except KeyboardInterrupt as exc:  # run_stage raises it for SIGINT and SIGTERM, named
+        status, error = "KILLED", f"stopped by {exc}" if str(exc) else "interrupted"
         raise
     except SystemExit as exc:
         if exc.code not in (0, None):

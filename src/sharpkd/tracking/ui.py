@@ -42,4 +42,23 @@ def ui_command(port: int, params_path: str | Path = "params.yaml") -> tuple[list
     note = f"MLflow UI on http://127.0.0.1:{port} (store {store.uri}); Ctrl-C stops it"
     if tp is not None and not tp.enabled:
         note += "\nnote: tracking.enabled is false in params.yaml, so the pipeline records nothing new"
+    try:
+        killed = _close_orphans(store)
+    except Exception as exc:  # the UI is still worth starting: it shows the store as it is
+        note += f"\nnote: could not look for runs left RUNNING by killed stages ({exc})"
+        killed = 0
+    if killed:
+        note += f"\nnote: {killed} run(s) left RUNNING by a killed stage are now marked KILLED"
     return cmd, note
+
+
+def _close_orphans(store) -> int:
+    """Mark the runs of stages that were killed (their process is gone) KILLED; how many there were."""
+    db = store.lock_path.with_suffix("")  # mlflow.db.lock -> mlflow.db
+    if not db.is_file():
+        return 0
+    from sharpkd.tracking.runs import mark_orphans_killed
+    from sharpkd.tracking.store import LockedClient
+
+    client = LockedClient(store)
+    return len(mark_orphans_killed(client, [e.experiment_id for e in client.search_experiments()]))

@@ -1,0 +1,192 @@
+"""The README's student-size sweep: Set5 PSNR against ms per 1080p frame, float32 and INT8 (never typed by hand).
+
+Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--readme README.md] [--plot docs/sweep.png]
+
+Quality comes from each DVC experiment's metrics (metrics/eval.json: Set5.student.psnr; metrics/export.json:
+int8.Set5.psnr_int8). Speed is measured here, side by side in one run on an otherwise idle machine, for each
+architecture in the sweep (a rep student folds into the plain network of the same width and depth, so speed
+depends on width and depth only): ONNX Runtime on the CPU, `--threads` threads, float32 and INT8, median
+of `--repeats` after warm-up, one session alive at a time. With --readme the table replaces what stands
+between the `<!-- sweep:start -->` and `<!-- sweep:end -->` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+START, END = "<!-- sweep:start -->", "<!-- sweep:end -->"
+QUALITY_SET = "Set5"
+
+
+def sweep_experiments(names: list[str], prefix: str) -> dict[str, dict]:
+    """name -> flat params + metrics of each named experiment (or of every experiment whose name has `prefix`)."""
+    import dvc.api
+
+    found: dict[str, dict] = {}
+    for row in dvc.api.exp_show(num=-1):
+        name = row.get("Experiment")
+        if name and (name in names or (not names and name.startswith(prefix))) and name not in found:
+            # exp_show prefixes a column with its file only when two files share the key.
+            found[name] = {k.split(":", 1)[-1]: v for k, v in row.items()}
+    missing = [n for n in names if n not in found]
+    if missing or not found:
+        raise SystemExit(
+            f"error: no DVC experiment {', '.join(missing) or f'named {prefix}*'} (see `dvc exp show`)"
+        )
+    return found
+
+
+def measure(scale: int, channels: int, blocks: int, threads: int, repeats: int) -> dict[str, float]:
+    """ms per 1080p frame of the exported float32 and INT8 student of this size (random weights)."""
+    import numpy as np
+    import torch
+
+    from sharpkd.export import FRAME_1080P, export_onnx
+    from sharpkd.models.student import Student
+    from sharpkd.quantize import quantize_student
+    from sharpkd.runtime import OnnxFunction, ort_session
+    from sharpkd.timing import time_ms
+
+    torch.manual_seed(0)
+    model = Student(scale=scale, channels=channels, blocks=blocks).eval()
+    with torch.no_grad():
+        model.tail.weight.normal_(0, 1e-2)  # not the identity: every conv does real work
+    x = torch.rand(1, 3, *FRAME_1080P, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    calibration = [rng.random((1, 3, 96, 96), dtype=np.float32) for _ in range(8)]
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="sharpkd-sweep-") as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "s.onnx")
+        int8 = Path(tmp) / "s_int8.onnx"
+        quantize_student(fp32, int8, calibration)
+        for key, path in (("fp32", fp32), ("int8", int8)):
+            fn = OnnxFunction(ort_session(path, "cpu", threads))
+            out[key] = time_ms(lambda fn=fn: fn(x), repeats)
+            del fn
+    return out
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """True where no other point is at least as fast and at least as good, and better in one."""
+    return [
+        not any(
+            (m2 <= m1 and p2 >= p1) and (m2 < m1 or p2 > p1) for j, (m2, p2) in enumerate(points) if j != i
+        )
+        for i, (m1, p1) in enumerate(points)
+    ]
+
+
+def build_rows(exps: dict[str, dict], speeds: dict[tuple[int, int], dict]) -> list[dict]:
+    rows = []
+    for name, m in sorted(exps.items()):
+        size = (int(m["student.channels"]), int(m["student.blocks"]))
+        rows.append(
+            {
+                "experiment": name,
+                "block": m.get("student.block", "plain"),
+                "size": size,
+                "params": _num(m.get("student.params")),
+                "psnr_fp32": _num(m.get(f"{QUALITY_SET}.student.psnr")),
+                "psnr_int8": _num(m.get(f"int8.{QUALITY_SET}.psnr_int8")),
+                "ms_fp32": speeds[size]["fp32"],
+                "ms_int8": speeds[size]["int8"],
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict], threads: int, cpu: str) -> str:
+    def f(v, d):
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    best = {
+        key: pareto([(r[f"ms_{key}"], r[f"psnr_{key}"] or 0.0) for r in rows]) for key in ("fp32", "int8")
+    }
+    lines = [
+        f"| experiment | block | channels x blocks | params | {QUALITY_SET} PSNR fp32 / INT8 "
+        "| ms / 1080p fp32 / INT8 | Pareto (fp32 / INT8) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows):
+        params = "" if r["params"] is None else f"{int(r['params']):,}"
+        lines.append(
+            f"| `{r['experiment']}` | {r['block']} | {r['size'][0]} x {r['size'][1]} | {params} "
+            f"| {f(r['psnr_fp32'], 2)} / {f(r['psnr_int8'], 2)} | {r['ms_fp32']:.0f} / {r['ms_int8']:.0f} "
+            f"| {'yes' if best['fp32'][i] else ''} / {'yes' if best['int8'][i] else ''} |"
+        )
+    lines += [
+        "",
+        f"ms: ONNX Runtime, {threads} threads, {cpu}, measured side by side in one run by scripts/sweep_table.py.",
+    ]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for key, marker in (("fp32", "o"), ("int8", "s")):
+        pts = [
+            (r[f"ms_{key}"], r[f"psnr_{key}"], r["experiment"]) for r in rows if r[f"psnr_{key}"] is not None
+        ]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=key.upper())
+        for ms, psnr, name in pts:
+            ax.annotate(name, (ms, psnr), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("ms per 1080p frame (ONNX Runtime, CPU)")
+    ax.set_ylabel(f"{QUALITY_SET} PSNR (dB, Y)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def replace_block(text: str, block: str) -> str:
+    if START not in text or END not in text:
+        raise SystemExit(f"error: README has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiments", nargs="*", help="DVC experiment names (default: all with --prefix)")
+    ap.add_argument("--prefix", default="sweep-")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--readme", type=Path)
+    ap.add_argument("--plot", type=Path, default=Path("docs/sweep.png"))
+    args = ap.parse_args()
+
+    from sharpkd.files import write_text
+    from sharpkd.timing import cpu_name
+
+    exps = sweep_experiments(args.experiments, args.prefix)
+    scale = int(next(iter(exps.values()))["data.scale"])
+    sizes = sorted({(int(m["student.channels"]), int(m["student.blocks"])) for m in exps.values()})
+    speeds = {size: measure(scale, *size, args.threads, args.repeats) for size in sizes}
+    rows = build_rows(exps, speeds)
+    table = render(rows, args.threads, cpu_name())
+    print(table)
+    plot(rows, args.plot)
+    if args.readme:
+        block = f"{table}\n\n![quality against speed]({args.plot.as_posix()})"
+        write_text(args.readme, replace_block(args.readme.read_text(), block))
+        print(f"wrote the table into {args.readme}, the plot to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

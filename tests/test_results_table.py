@@ -1,0 +1,101 @@
+"""scripts/results_table.py: a row per arm, gains against the first arm, the command of each arm."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from helpers import REPO, repo_params_dict
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("results_table", REPO / "scripts" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _arm(student: float, manga: float | None = None, **params) -> dict:
+    m = {
+        "Set5.bicubic.psnr": 28.43,
+        "Set5.bicubic.ssim": 0.81,
+        "Set5.bicubic.lpips": None,
+        "Set5.teacher.psnr": 32.14,
+        "Set5.teacher.ssim": 0.89,
+        "Set5.student.psnr": student,
+        "Set5.student.ssim": 0.87,
+        "Set5.student.lpips": None,
+        "valid.student.psnr": student - 3,
+        "valid.student.ssim": 0.75,
+        "valid.teacher.psnr": 28.4,
+        "teacher.architecture": "PAN",
+        "teacher.params": 272419,
+        "student.params": 64720,
+        "student.ms_1080p": 220.4,
+        "seconds": 3000.0,
+        "steps": 24000,
+        "timing.device": "cpu: AMD EPYC",
+        "timing.torch_threads": 1,
+        "data.source": "folder",
+        "data.upcycle": [],
+        "distill.teacher": True,
+        "distill.steps": 24000,
+        "eval.sets.Set5": "/shared/testsets/Set5/HR",
+    }
+    if manga is not None:
+        m |= {"Manga109.student.psnr": manga, "Manga109.student.ssim": 0.8, "Manga109.bicubic.psnr": 24.0}
+    return m | params
+
+
+def test_a_row_per_arm_and_gains_against_the_first(table):
+    arms = [
+        ("ref-baseline", "HR only", _arm(30.96, **{"distill.teacher": False})),
+        ("ref-distill", "distilled", _arm(31.02)),
+        (
+            "ref-upcycle",
+            "distilled + upcycled",
+            _arm(31.20, manga=25.5, **{"data.upcycle": ["zoom_in", "zoom_out"]}),
+        ),
+    ]
+    defaults = table.flat(repo_params_dict())
+    text = table.build_table(arms, defaults)
+    lines = text.splitlines()
+    header = lines[0]
+    # Manga109 appears when any arm has it; extra sets first, the validation split last.
+    assert header.index("Manga109") < header.index("Set5") < header.index("valid")
+    rows = [line for line in lines if line.startswith("| student")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "student, HR only (`ref-baseline`)",
+        "student, distilled (`ref-distill`)",
+        "student, distilled + upcycled (`ref-upcycle`)",
+    ]
+    assert "n/a / n/a / n/a" in rows[0] and "25.50 / 0.8000 / n/a" in rows[2]  # no Manga109 in the first arm
+    assert "| teacher (PAN) | n/a / n/a / n/a | 32.14 / 0.8900 / n/a" in text
+    assert "- `ref-distill`: n/a on Manga109, +0.06 dB on Set5, +0.06 dB on valid" in text
+    assert "- `ref-upcycle`: n/a on Manga109, +0.24 dB on Set5" in text
+    assert (
+        "Training time: 50 min (`ref-baseline`), 50 min (`ref-distill`), 50 min (`ref-upcycle`); 24,000 steps"
+        in text
+    )
+    # The commands: what every arm shares, then each arm's own -S values.
+    common = text.split("for every arm:")[1].split("and for each arm:")[0]
+    assert "-S data.source=folder" in common and "-S distill.steps=24000" in common
+    assert "-S ++eval.sets.Set5=/shared/testsets/Set5/HR" in common
+    assert "- `ref-baseline`: `-S distill.teacher=false`" in text
+    assert "- `ref-distill`: nothing more" in text
+    assert "- `ref-upcycle`: `-S data.upcycle=[zoom_in,zoom_out]`" in text
+    assert text.endswith("ms on cpu: AMD EPYC, 1 torch threads.")
+
+
+def test_readme_block_replaced(table):
+    text = "intro\n<!-- domain:start -->\nold\n<!-- domain:end -->\nrest\n"
+    assert (
+        table.replace_block(text, "NEW", "domain")
+        == "intro\n<!-- domain:start -->\nNEW\n<!-- domain:end -->\nrest\n"
+    )
+    with pytest.raises(SystemExit, match="results:start"):
+        table.replace_block(text, "NEW", "results")
+    assert table.parse_arm("ref-distill=distilled, labelled") == ("ref-distill", "distilled, labelled")
+    assert table.parse_arm("ref-distill") == ("ref-distill", "ref-distill")

@@ -1,0 +1,47 @@
+"""scripts/sweep_table.py: the Pareto front, the rows read from experiment metrics, the README block."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import sweep_table  # noqa: E402
+
+
+def test_pareto_keeps_what_nothing_beats():
+    # (ms, psnr): b is slower and worse than a; c is slower but better; d ties a on both.
+    assert sweep_table.pareto([(10, 31.0), (20, 30.0), (30, 31.5), (10, 31.0)]) == [True, False, True, True]
+
+
+def test_rows_and_table_from_experiment_metrics(tmp_path):
+    exps = {
+        "sweep-rep-48x4": {
+            "student.channels": 48, "student.blocks": 4, "student.block": "rep", "student.params": 120000,
+            "Set5.student.psnr": 31.5, "int8.Set5.psnr_int8": 31.45,
+        },
+        "sweep-plain-32x4": {
+            "student.channels": 32, "student.blocks": 4, "student.block": "plain", "student.params": 64720,
+            "Set5.student.psnr": 31.0, "int8.Set5.psnr_int8": "-",
+        },
+    }  # fmt: skip
+    speeds = {(48, 4): {"fp32": 200.0, "int8": 90.0}, (32, 4): {"fp32": 110.0, "int8": 60.0}}
+    rows = sweep_table.build_rows(exps, speeds)
+    assert [r["experiment"] for r in rows] == ["sweep-plain-32x4", "sweep-rep-48x4"]
+    assert rows[0]["psnr_int8"] is None and rows[1]["ms_int8"] == 90.0
+    table = sweep_table.render(rows, 2, "test cpu")
+    assert "| `sweep-rep-48x4` | rep | 48 x 4 | 120,000 | 31.50 / 31.45 | 200 / 90 | yes / yes |" in table
+    assert "31.00 / n/a" in table
+    readme = "intro\n<!-- sweep:start -->\nold\n<!-- sweep:end -->\nrest\n"
+    new = sweep_table.replace_block(readme, table)
+    assert "old" not in new and new.startswith("intro\n") and new.endswith("rest\n") and table in new
+    with pytest.raises(SystemExit, match="markers"):
+        sweep_table.replace_block("no markers", table)
+
+
+def test_speed_is_measured_for_real():
+    ms = sweep_table.measure(scale=2, channels=8, blocks=1, threads=1, repeats=1)
+    assert set(ms) == {"fp32", "int8"} and all(v > 0 for v in ms.values())
