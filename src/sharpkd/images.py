@@ -58,6 +58,23 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def list_image_folder(folder: str | Path, key: str) -> list[Path]:
+    """list_images of the folder a params key names; a clear error when it is missing, a file or empty."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        # Queued DVC experiments run in a copy of the repository, where a relative path points elsewhere.
+        raise UserError(f"params: '{key}' = {folder}: folder not found (use an absolute path)")
+    if not folder.is_dir():
+        raise UserError(f"params: '{key}' = {folder}: is not a folder")
+    files = list_images(folder)
+    if not files:
+        raise UserError(
+            f"params: '{key}' = {folder}: no images found (it holds no image files: "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}, searched recursively)"
+        )
+    return files
+
+
 def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
     """Decode any common image to RGB (+ alpha), honoring EXIF orientation.
 

@@ -20,7 +20,7 @@ import numpy as np
 from sharpkd.config import Params
 from sharpkd.errors import UserError
 from sharpkd.fetch import DownloadError, download
-from sharpkd.images import ImageReadError, list_images, printable, read_rgb
+from sharpkd.images import ImageReadError, list_image_folder, printable, read_rgb
 
 # scikit-image's bundled colour photographs that load without a download.
 SAMPLE_PHOTOS = (
@@ -70,13 +70,7 @@ def _samples(params: Params) -> dict:
 
 
 def _folder_items(folder: Path, key: str) -> list:
-    if not folder.is_dir():
-        raise UserError(f"params: '{key}' = {folder}: folder not found")
-    files = list_images(folder)
-    if not files:
-        raise UserError(
-            f"params: '{key}' = {folder}: no images found (looked for PNG, JPEG, TIFF, WebP, BMP, recursively)"
-        )
+    files = list_image_folder(folder, key)
     # Subfolders become part of the name so two photos called 1.png in different folders both survive;
     # names that are not UTF-8 are written escaped (manifest.csv and DVC want text).
     return [

@@ -24,7 +24,7 @@ import numpy as np
 
 from sharpkd.data.degradation import center_crop, crop_to_multiple, resize
 from sharpkd.errors import UserError
-from sharpkd.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_rgb
+from sharpkd.images import ImageReadError, list_image_folder, read_rgb
 
 
 @dataclass
@@ -40,16 +40,7 @@ class UnlabeledScan:
 def scan_unlabeled(folder: str, lr_side: int, max_side: int) -> UnlabeledScan:
     """Every image of the data.unlabeled folder decoded once (sizes, readability), before any work is done."""
     root = Path(folder).expanduser()
-    key = "data.unlabeled"
-    if not root.exists():
-        raise UserError(f"{key}: folder {root} not found (queued DVC experiments need an absolute path)")
-    if not root.is_dir():
-        raise UserError(f"{key}: {root} is not a folder")
-    files = list_images(root)
-    if not files:
-        raise UserError(
-            f"{key}: {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}, searched recursively)"
-        )
+    files = list_image_folder(root, "data.unlabeled")
     scan = UnlabeledScan(root)
     for path in files:
         name = path.relative_to(root).as_posix()
@@ -72,7 +63,7 @@ def scan_unlabeled(folder: str, lr_side: int, max_side: int) -> UnlabeledScan:
         scan.sizes.append((h, w))
     if not scan.images:
         raise UserError(
-            f"{key}: no usable image in {root} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
+            f"data.unlabeled: no usable image in {root} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
             f"{' ...' if len(scan.skipped) > 3 else ''})"
         )
     return scan
