@@ -10,7 +10,7 @@ import torch
 from sharpkd.errors import UserError
 from sharpkd.export import export_onnx
 from sharpkd.models.student import Student
-from sharpkd.quantize import quantize_student
+from sharpkd.quantize import quantize_student, space_to_depth_head
 from sharpkd.runtime import SCALE_KEY, ort_session
 
 
@@ -61,6 +61,8 @@ def test_quantize_student(fp32_student, tmp_path):
     assert not [p for p in out.parent.iterdir() if p != out]  # no temporary file left beside it
     assert info["calibration_batches"] == 5 and info["calibration_images"] == 6
     assert info["quantized_ops"] == {"Conv": 4}  # head, two body convs, tail
+    assert info["head"] == "SpaceToDepth + 3x3 conv"
+    assert info["uint8_rearrangements"] == ["Pad", "SpaceToDepth", "DepthToSpace", "Slice", "Slice"]
     assert info["method"] == "minmax" and info["format"] == "QDQ"
 
     proto = onnx.load(str(out))
@@ -108,3 +110,61 @@ def test_quantize_errors(fp32_student, tmp_path):
     with pytest.raises(UserError, match=r"calibration array 0 has shape \(3, 8, 8\)"):
         quantize_student(fp32, out, [np.zeros((3, 8, 8), np.float32)])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_space_to_depth_head_is_the_same_function(scale, tmp_path):
+    """The INT8 path's head (SpaceToDepth + 3x3 conv) computes what the exported strided conv computes."""
+    torch.manual_seed(scale)
+    model = Student(scale=scale, channels=8, blocks=1)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.tail.weight, std=0.05)
+    fp32 = export_onnx(model.eval(), tmp_path / "s.onnx")
+    proto = onnx.load(str(fp32))
+    assert space_to_depth_head(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("SpaceToDepth") == 1 and ops.count("Conv") == 3
+    rewritten = tmp_path / "s2d.onnx"
+    onnx.save(proto, str(rewritten))
+    for shape in [(1, 3, 37, 53), (2, 3, 65, 31)]:  # odd sizes: the padding to a multiple of the scale
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        ref = ort_session(fp32).run(None, {"input": x})[0]
+        assert np.abs(ref - x).max() > 1e-3
+        assert np.abs(ort_session(rewritten).run(None, {"input": x})[0] - ref).max() < 1e-5
+    assert not space_to_depth_head(proto)  # already rewritten: nothing left to match
+
+
+def test_rearrangements_run_on_uint8_and_change_nothing(fp32_student, tmp_path, monkeypatch):
+    """Pad, SpaceToDepth, DepthToSpace and the crop take uint8 tensors, with the same output as leaving
+    them between a DequantizeLinear and a QuantizeLinear."""
+    import sharpkd.quantize as quantize
+
+    _, fp32 = fp32_student
+    moved = tmp_path / "moved.onnx"
+    quantize_student(fp32, moved, _calibration())
+    proto = onnx.load(str(moved))
+    producers = {out: n for n in proto.graph.node for out in n.output}
+
+    def chain(name: str, length: int) -> list[str]:
+        ops = []
+        for _ in range(length):
+            node = producers[name]
+            ops.append(node.op_type)
+            name = node.input[0]
+        return ops
+
+    (head,) = [n for n in proto.graph.node if n.op_type == "SpaceToDepth"]
+    assert chain(head.input[0], 2) == ["Pad", "QuantizeLinear"]  # the input is quantised, then padded
+    pad = producers[head.input[0]]
+    assert producers[pad.input[0]].input[0] == proto.graph.input[0].name
+    (add,) = [n for n in proto.graph.node if n.op_type == "Add"]
+    residual = next(i for i in add.input if i != proto.graph.input[0].name)
+    # the tail conv's uint8 output is rearranged and cropped, then dequantised for the float32 Add
+    assert chain(residual, 5) == ["DequantizeLinear", "Slice", "Slice", "DepthToSpace", "QuantizeLinear"]
+    monkeypatch.setattr(quantize, "rearrange_in_uint8", lambda model: [])
+    kept = tmp_path / "kept.onnx"
+    quantize_student(fp32, kept, _calibration())
+    x = _smooth(1, 67, 45, 5)
+    a = ort_session(moved, threads=1).run(None, {"input": x})[0]
+    b = ort_session(kept, threads=1).run(None, {"input": x})[0]
+    assert np.array_equal(a, b)

@@ -60,8 +60,9 @@ class ExportGraph(nn.Module):
         s = self.scale
         h, w = x.shape[-2], x.shape[-1]
         xp = F.pad(x, (0, (s - w % s) % s, 0, (s - h % s) % s), mode="replicate")
-        out = F.pixel_shuffle(self.tail(self.body(self.act(self.head(xp)))), s) + xp
-        return out[..., :h, :w]
+        # Cropped before the residual Add, which then takes the unpadded input: the padded copy
+        # feeds only the head, so INT8 can pad the quantised input instead (quantize.py).
+        return F.pixel_shuffle(self.tail(self.body(self.act(self.head(xp)))), s)[..., :h, :w] + x
 
 
 def export_onnx(model: Student, path: str | Path, opset: int = 17, fp16: bool = False) -> Path:

@@ -3,10 +3,18 @@
 What is quantised, and why (measured on Student(scale=4, channels=32, blocks=4), 1080p, 2 threads):
 only the convs and the ReLUs between them. ONNX Runtime's CPU provider fuses each
 DequantizeLinear -> Conv (-> Relu) -> QuantizeLinear into one QLinearConv (uint8 x int8,
-channels-last), which is where the time goes. The pixel path (input, replicate pad, pixel
-(un)shuffle, the global residual Add, the output) stays float32: quantising it too is no
-faster and rounds the output image to a calibrated 8-bit grid (about 5 dB further from
-float32). Weights are int8 per output channel, activations uint8 asymmetric (ReLU outputs
+channels-last). Around them, two rewrites that change no number:
+- the exported head (one strided conv with a 12x12 kernel on the 3-channel image at x4, the fast
+  form in float32) becomes SpaceToDepth + a 3x3 conv on 48 channels (`space_to_depth_head`): a
+  3-channel QLinearConv was the slowest layer of the INT8 model;
+- the pixel rearrangements (replicate pad, SpaceToDepth, DepthToSpace, the crop) run on the uint8
+  tensors rather than between a DequantizeLinear and a QuantizeLinear in float32
+  (`rearrange_in_uint8`): they commute exactly with a per-tensor quantisation and move a quarter
+  of the bytes.
+The global residual Add and the output stay float32: quantising the sum is no faster and rounds
+the output image to a calibrated 8-bit grid (about 5 dB further from float32). So the float32 work
+left at full size is one QuantizeLinear of the input, one DequantizeLinear of the residual and the
+Add. Weights are int8 per output channel, activations uint8 asymmetric (ReLU outputs
 are non-negative; symmetric activations would waste half the range and keep the ReLUs).
 Calibration is MinMax by default: percentile and entropy measured no better, and clipping
 rare large residuals would clip the sharpening at strong edges, where it matters.
@@ -105,6 +113,143 @@ def integer_ops(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _attrs(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def space_to_depth_head(model) -> bool:
+    """Rewrite the exported head (export.ExportGraph: one conv on the full-size image, kernel 3s, stride s,
+    padding s) as SpaceToDepth(s) and a 3x3 conv on 3s² channels: the same arithmetic, regrouped.
+
+    In float32 the strided conv is the faster form; in INT8 a 3-channel QLinearConv is the slowest layer
+    of the model, while SpaceToDepth is a pure rearrangement that can run on the uint8 input (see
+    `rearrange_in_uint8`). Returns whether a head was found; the model is changed in place.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Conv" or node.input[1] not in inits:
+            continue
+        attrs = _attrs(node)
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        s = list(attrs.get("strides", [1, 1]))[0]
+        if (
+            weight.ndim != 4
+            or weight.shape[1] != 3
+            or s < 2
+            or list(attrs.get("strides", [])) != [s, s]
+            or weight.shape[2:] != (3 * s, 3 * s)
+            or list(attrs.get("pads", [])) != [s] * 4
+            or attrs.get("group", 1) != 1
+            or list(attrs.get("dilations", [1, 1])) != [1, 1]
+        ):
+            continue
+        c_out = weight.shape[0]
+        # weight[o, c, dy*s+i, dx*s+j] -> [o, (i*s+j)*3+c, dy, dx]: ONNX SpaceToDepth's channel order (DCR).
+        regrouped = (
+            weight.reshape(c_out, 3, 3, s, 3, s).transpose(0, 3, 5, 1, 2, 4).reshape(c_out, 3 * s * s, 3, 3)
+        )
+        name = f"{node.input[1]}_space_to_depth"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(regrouped), name))
+        if sum(node.input[1] in n.input for n in model.graph.node) == 1:
+            model.graph.initializer.remove(inits[node.input[1]])
+        rearranged = f"{node.input[0]}_space_to_depth"
+        model.graph.node.insert(
+            index, onnx.helper.make_node("SpaceToDepth", [node.input[0]], [rearranged], blocksize=s)
+        )
+        node.input[0], node.input[1] = rearranged, name
+        del node.attribute[:]
+        node.attribute.extend(
+            [
+                onnx.helper.make_attribute("kernel_shape", [3, 3]),
+                onnx.helper.make_attribute("strides", [1, 1]),
+                onnx.helper.make_attribute("pads", [1, 1, 1, 1]),
+                onnx.helper.make_attribute("dilations", [1, 1]),
+                onnx.helper.make_attribute("group", 1),
+            ]
+        )
+        return True
+    return False
+
+
+def _rearranges(node) -> bool:
+    """Ops that only move, copy or drop values: they commute with a per-tensor quantisation."""
+    if node.op_type == "Pad":  # constant padding would have to pad with the zero point
+        mode = _attrs(node).get("mode", b"constant")
+        return (mode.decode() if isinstance(mode, bytes) else mode) in ("edge", "reflect")
+    return node.op_type in ("SpaceToDepth", "DepthToSpace", "Slice")
+
+
+def rearrange_in_uint8(model) -> list[str]:
+    """Move QuantizeLinear before, and DequantizeLinear after, the pure rearrangements next to them.
+
+    The quantiser leaves the pixel path's padding, SpaceToDepth, DepthToSpace and crop in float32
+    between a DequantizeLinear and a QuantizeLinear (they are not in its registry). Each commutes exactly
+    with a per-tensor (scale, zero point) quantisation, so run on the uint8 tensor instead it gives the
+    same numbers while moving a quarter of the bytes: these full-size rearrangements are a large share
+    of an INT8 frame once the convs are integer. Returns the op types moved, input side first.
+    """
+    import onnx
+
+    nodes = model.graph.node
+    outputs = {o.name for o in model.graph.output}
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def per_tensor(q) -> bool:
+        scale = inits.get(q.input[1])
+        return scale is not None and int(np.prod(scale.dims)) == 1
+
+    def consumers(name: str) -> list:
+        return [n for n in nodes if name in n.input]
+
+    moved: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        producer = {out: n for n in nodes for out in n.output}
+        for qdq in list(nodes):
+            if qdq.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            op = producer.get(qdq.input[0])
+            if qdq.op_type == "QuantizeLinear" and op is not None and _rearranges(op) and per_tensor(qdq):
+                # x -> op -> Q  becomes  x -> Q -> op
+                if consumers(op.output[0]) != [qdq] or op.output[0] in outputs:
+                    continue
+                quantized = f"{op.input[0]}_quantized_{len(moved)}"
+                nodes.insert(
+                    list(nodes).index(op),
+                    onnx.helper.make_node(
+                        "QuantizeLinear", [op.input[0], *qdq.input[1:]], [quantized], name=f"{qdq.name}_moved"
+                    ),
+                )
+                op.input[0], op.output[0] = quantized, qdq.output[0]
+                nodes.remove(qdq)
+                moved.append(op.op_type)
+                changed = True
+                break
+            if qdq.op_type == "DequantizeLinear" and per_tensor(qdq):
+                users = consumers(qdq.output[0])
+                if len(users) != 1 or not _rearranges(users[0]) or users[0].input[0] != qdq.output[0]:
+                    continue
+                # Q -> DQ -> op  becomes  Q -> op -> DQ
+                op = users[0]
+                if qdq.output[0] in outputs:
+                    continue
+                result = op.output[0]
+                op.input[0], op.output[0] = qdq.input[0], f"{result}_quantized_{len(moved)}"
+                qdq.input[0], qdq.output[0] = op.output[0], result
+                nodes.remove(qdq)
+                nodes.insert(list(nodes).index(op) + 1, qdq)
+                moved.append(op.op_type)
+                changed = True
+                break
+    return sorted(moved, key=["Pad", "SpaceToDepth", "DepthToSpace", "Slice"].index)
+
+
 def quantize_student(
     fp32_onnx: str | Path,
     out_path: str | Path,
@@ -127,6 +272,7 @@ def quantize_student(
     model = _load_onnx(fp32_onnx)
     arrays = _check_calibration(fp32_onnx, calibration)
     metadata = {e.key: e.value for e in model.metadata_props}
+    head_regrouped = space_to_depth_head(model)
     calibrate_method = {
         "minmax": CalibrationMethod.MinMax,
         "percentile": CalibrationMethod.Percentile,
@@ -154,6 +300,7 @@ def quantize_student(
                 # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops the batches it should merge.
             )
             quantized = onnx.load(str(tmp))
+            uint8_ops = rearrange_in_uint8(quantized)
             ops = integer_ops(quantized)
             if not ops.get("Conv"):  # raised inside the block: nothing is written
                 raise UserError(f"{fp32_onnx}: quantisation left no Conv in int8; is it a sharpkd student?")
@@ -180,4 +327,6 @@ def quantize_student(
         "calibration_images": int(sum(a.shape[0] for a in arrays)),
         "op_types_to_quantize": list(OP_TYPES_TO_QUANTIZE),
         "quantized_ops": ops,
+        "head": "SpaceToDepth + 3x3 conv" if head_regrouped else "as exported",
+        "uint8_rearrangements": uint8_ops,
     }

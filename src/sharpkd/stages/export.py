@@ -277,6 +277,8 @@ def export_int8(params: Params, paths: StagePaths, fp32_path: Path, int8_path: P
         "int8.calibration_images": info["calibration_images"],
         "int8.method": info["method"],
         "int8.quantized_ops": json.dumps(info["quantized_ops"]),
+        "int8.head": info["head"],
+        "int8.uint8_rearrangements": json.dumps(info["uint8_rearrangements"]),
     }
     metrics = QualityMetrics(scale, lpips=False)
     sets = {"valid": [(im.input, im.hr) for im in load_valid(paths.pairs)]}
