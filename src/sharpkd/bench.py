@@ -86,11 +86,19 @@ def _torch_target(
 def _onnx_target(path: Path, device: str, threads: int) -> Target:
     from sharpkd.runtime import OnnxFunction, ort_session
 
-    fn = OnnxFunction(ort_session(path, device, threads))
+    fn = OnnxFunction(ort_session(path, device, threads))  # opened now: a bad file fails before any timing
     # export.py and quantize.py record the precision in the model's metadata (INT8 keeps float32 I/O).
     recorded = fn.session.get_modelmeta().custom_metadata_map.get("sharpkd.precision")
     precision = recorded or ("fp16" if fn.dtype.__name__ == "float16" else "fp32")
-    return Target("student", "onnxruntime", device, precision, lambda x: lambda: fn(x))
+    del fn
+
+    def make(x: torch.Tensor):
+        # A session per timing, released after it: an idle session's threads keep spinning for a
+        # while after each run and slow the session being timed.
+        session = OnnxFunction(ort_session(path, device, threads))
+        return lambda: session(x)
+
+    return Target("student", "onnxruntime", device, precision, make)
 
 
 def _teacher_target(device: str, tile: int, overlap: int) -> Target:
