@@ -80,13 +80,28 @@ def _value(v) -> str:
     return f"'{text}'" if any(c in text for c in " []{}:,") else text
 
 
+def _normalize(v):
+    """One form for a param value: exp_show gives a column float (24000.0) or text ('[70, 95]', 'True')
+    when some of its rows lack the param."""
+    if isinstance(v, str):
+        try:
+            v = yaml.safe_load(v)
+        except yaml.YAMLError:
+            return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list | tuple):
+        return [_normalize(x) for x in v]
+    return v
+
+
 def param_changes(metrics: dict, defaults: dict) -> dict[str, str]:
     """`-S` arguments (key -> 'key=value' text) that turn the workspace's params.yaml into this arm's."""
     changes = {}
     for key, default in defaults.items():
         if key not in metrics:
             continue
-        value = metrics[key]
+        value, default = _normalize(metrics[key]), _normalize(default)
         if isinstance(default, list | tuple) and isinstance(value, list | tuple):
             same = list(value) == list(default)
         else:

@@ -99,3 +99,20 @@ def test_readme_block_replaced(table):
         table.replace_block(text, "NEW", "results")
     assert table.parse_arm("ref-distill=distilled, labelled") == ("ref-distill", "distilled, labelled")
     assert table.parse_arm("ref-distill") == ("ref-distill", "ref-distill")
+
+
+def test_param_changes_read_exp_show_column_types(table):
+    """exp_show gives a column float or text when some rows lack the param: not a change by itself."""
+    defaults = {
+        "distill.steps": 2000,
+        "degradation.jpeg_quality": [70, 95],
+        "distill.amp": True,
+        "data.unlabeled": "",
+    }
+    shown = {
+        "distill.steps": 24000.0,
+        "degradation.jpeg_quality": "[70, 95]",
+        "distill.amp": "True",
+        "data.unlabeled": "",
+    }
+    assert table.param_changes(shown, defaults) == {"distill.steps": "distill.steps=24000"}
