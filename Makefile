@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: run test test-fast lint bench ui queue-reference reference results queue-domain domain domain-results \
-	experiments sweep sweep-results clean-venv
+	experiments queue-sweep sweep sweep-results clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,9 +55,11 @@ REF_ZOOM_SIDE ?= 128
 REF_FRACTION ?= 0.25
 REF_PARAMS := -S data.source=folder -S data.folder.train=$(SHARED)/trainsets -S degradation.jpeg_prob=0 \
 	-S teacher.source=pan -S weights.dir=$(SHARED)/weights -S ++eval.sets.Set5=$(SHARED)/testsets/Set5/HR \
-	-S ++eval.sets.Manga109=$(MANGA)/test/HR \
 	-S distill.steps=$(REF_STEPS) -S distill.batch_size=32 -S distill.eval_every=1000 \
 	-S distill.checkpoint_every=1000 -S distill.threads=1
+# The sweep is judged on Set5 only; the reference and domain arms are also evaluated on Manga109.
+SWEEP_PARAMS := $(REF_PARAMS)
+REF_PARAMS += -S ++eval.sets.Manga109=$(MANGA)/test/HR
 NO_TEACHER := -S distill.teacher=false -S loss.kd=0 -S loss.feature=0
 UPCYCLE := -S 'data.upcycle=$(REF_UPCYCLE)' -S data.teacher_only_max_side=$(REF_ZOOM_SIDE) \
 	-S distill.unlabeled_fraction=$(REF_FRACTION)
@@ -113,20 +115,23 @@ experiments: queue-reference queue-domain
 # the Pareto table and docs/sweep.png into the README. A rep student trains at a lower learning rate.
 SWEEP_JOBS ?= 2
 SWEEP_REP_LR ?= 0.0005
-SWEEP_SIZES ?= 24x4 32x4 48x4 32x6
-sweep: $(VENV)/.installed
-	-$(DVC) exp remove $(foreach s,$(SWEEP_SIZES),sweep-plain-$(s) sweep-rep-$(s)) 2>/dev/null
-	$(foreach s,$(SWEEP_SIZES),$(DVC) exp run --queue -n sweep-plain-$(s) $(REF_PARAMS) \
-		-S student.channels=$(word 1,$(subst x, ,$(s))) -S student.blocks=$(word 2,$(subst x, ,$(s))) \
-		-S student.block=plain && ) true
-	$(foreach s,$(SWEEP_SIZES),$(DVC) exp run --queue -n sweep-rep-$(s) $(REF_PARAMS) \
-		-S student.channels=$(word 1,$(subst x, ,$(s))) -S student.blocks=$(word 2,$(subst x, ,$(s))) \
-		-S student.block=rep -S distill.lr=$(SWEEP_REP_LR) && ) true
+SWEEP_BLOCKS ?= plain rep
+SWEEP_SIZES ?= 32x4 48x4 48x6 64x4
+SWEEP_ARMS = $(foreach b,$(SWEEP_BLOCKS),$(foreach s,$(SWEEP_SIZES),sweep-$(b)-$(s)))
+queue-sweep: $(VENV)/.installed
+	-$(DVC) exp remove $(SWEEP_ARMS) 2>/dev/null
+	$(foreach a,$(SWEEP_ARMS),$(DVC) exp run --queue -n $(a) $(SWEEP_PARAMS) \
+		-S student.block=$(word 2,$(subst -, ,$(a))) \
+		-S student.channels=$(word 1,$(subst x, ,$(word 3,$(subst -, ,$(a))))) \
+		-S student.blocks=$(word 2,$(subst x, ,$(word 3,$(subst -, ,$(a))))) \
+		$(if $(filter rep,$(word 2,$(subst -, ,$(a)))),-S distill.lr=$(SWEEP_REP_LR)) && ) true
+
+sweep: queue-sweep
 	$(DVC) exp run --run-all -j $(SWEEP_JOBS)
 	$(MAKE) sweep-results
 
 sweep-results: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/sweep_table.py --prefix sweep- --readme README.md
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/sweep_table.py $(SWEEP_RESULTS) --prefix sweep- --readme README.md
 
 ui: $(VENV)/.installed
 	$(BIN)/sharpkd ui
