@@ -271,11 +271,16 @@ def test_resume_equals_uninterrupted(data, request, monkeypatch):
     assert not (pipeline / "resumed/student").exists()  # nothing half-written
     monkeypatch.setattr(ds.TrainPatches, "batch_fn", original)
     again = _distill(pipeline, params, "resumed")
-    assert again["resumed_from"] == 8
+    assert again["resumed_from"] == 8 and again["steps_per_s"] > 0
     state = torch.load(pipeline / "resumed/student/last.pth", weights_only=True)["state_dict"]
     for k in ref_state:
         assert torch.equal(ref_state[k], state[k]), k
     assert again["val_psnr"] == ref["val_psnr"]
+    # Run again (dvc repro -f): it resumes at the last step, runs none, and says so instead of "0 steps/s".
+    done = _distill(pipeline, params, "resumed")
+    assert done["resumed_from"] == done["steps"] and done["steps_per_s"] is None
+    assert "no step ran" in done["steps_per_s_reason"]
+    assert done["val_psnr"] == ref["val_psnr"]
 
 
 def test_no_teacher_baseline_needs_no_training_cache(pipeline, tmp_path):

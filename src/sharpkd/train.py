@@ -60,7 +60,7 @@ class FitResult:
     last_metrics: dict
     curve: list[dict]
     seconds: float
-    steps_per_s: float
+    steps_per_s: float | None  # None when no step ran here: resumed from a finished checkpoint
     resumed_from: int
 
 
@@ -241,9 +241,19 @@ def fit(
         last_metrics=last_metrics,
         curve=curve,
         seconds=seconds,
-        steps_per_s=ran / seconds if seconds > 0 else 0.0,
+        steps_per_s=ran / seconds if ran > 0 and seconds > 0 else None,
         resumed_from=start,
     )
+
+
+NO_STEPS_RAN = "no step ran: resumed from a finished checkpoint (delete it to train again)"
+
+
+def speed_fields(result: FitResult, digits: int) -> dict:
+    """steps_per_s for a metrics file: the measured figure, or null with the reason when no step ran."""
+    if result.steps_per_s is None:
+        return {"steps_per_s": None, "steps_per_s_reason": NO_STEPS_RAN}
+    return {"steps_per_s": round(result.steps_per_s, digits)}
 
 
 def _read_checkpoint(path: Path, desc: str, rank: int) -> dict | None:

@@ -27,7 +27,7 @@ from sharpkd.metrics import QualityMetrics, validate
 from sharpkd.models import count_params
 from sharpkd.models.student import Student, conv_macs, save_student
 from sharpkd.stages import StagePaths, run_stage
-from sharpkd.train import FitConfig, distributed_setup, fit
+from sharpkd.train import FitConfig, distributed_setup, fit, speed_fields
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:
@@ -116,7 +116,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         "val_ssim": result.best_metrics.get("ssim"),
         "last_val_psnr": result.last_metrics.get("psnr"),
         "seconds": round(result.seconds, 2),
-        "steps_per_s": round(result.steps_per_s, 3),
+        **speed_fields(result, 3),
         "resumed_from": result.resumed_from,
         "params": count_params(best),
         "gmacs_1080p": round(conv_macs(best) / 1e9, 3),
@@ -139,7 +139,8 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         pd.DataFrame(result.curve).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     print(
         f"[distill] best val PSNR {summary['val_psnr']:.2f} dB (step {result.best_step}), "
-        f"{result.steps_per_s:.2f} steps/s, {summary['params']:,} params, {summary['gmacs_1080p']} GMACs/1080p"
+        f"{summary.get('steps_per_s_reason') or f'{result.steps_per_s:.2f} steps/s'}, "
+        f"{summary['params']:,} params, {summary['gmacs_1080p']} GMACs/1080p"
     )
     tracker.log_metrics({f"distill.{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     return summary

@@ -23,7 +23,7 @@ from sharpkd.models.edsr import EDSR
 from sharpkd.models.pan import PAN
 from sharpkd.models.teacher import copy_weights, describe, load_spandrel, load_state_dict_file
 from sharpkd.stages import StagePaths, run_stage
-from sharpkd.train import FitConfig, distributed_setup, fit
+from sharpkd.train import FitConfig, distributed_setup, fit, speed_fields
 
 # Each source returns (model, the weights file to keep or None to save the model's state, teacher.json fields).
 Obtained = tuple[nn.Module, Path | None, dict]
@@ -98,7 +98,7 @@ def _train(params: Params, paths: StagePaths, tracker) -> Obtained:
     train = {
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
-        "steps_per_s": round(result.steps_per_s, 2),
+        **speed_fields(result, 2),
         "best_step": result.best_step,
         "val": result.best_metrics,
     }
