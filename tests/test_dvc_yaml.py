@@ -17,6 +17,8 @@ import dataclasses
 import importlib
 import importlib.util
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,8 +105,21 @@ def test_every_stage_runs_its_own_module():
     stages = dvc_stages()
     assert list(stages) == STAGES
     for name, stage in stages.items():
-        assert stage["cmd"] == f"python -m sharpkd.stages.{name}", name
+        assert stage["cmd"] == f"PYTHONPATH=src python -m sharpkd.stages.{name}", name
         assert module_file(f"sharpkd.stages.{name}") == (SRC / "sharpkd" / "stages" / f"{name}.py").resolve()
+
+
+def test_stages_import_the_code_of_the_copy_they_run_in(tmp_path):
+    """`dvc exp run --queue` runs each experiment in a copy of the repo; its stages must import that
+    copy's src/, not the workspace's editable install, or editing the workspace while a queue runs
+    would change experiments that DVC records with the code hashes of the queued commit."""
+    copy = tmp_path / "copy"
+    (copy / "src" / "sharpkd").mkdir(parents=True)
+    (copy / "src" / "sharpkd" / "__init__.py").write_text("")
+    prefix = dvc_stages()["distill"]["cmd"].split(" python ")[0]
+    probe = f"{prefix} {sys.executable} -c 'import sharpkd; print(sharpkd.__file__)'"
+    out = subprocess.run(probe, shell=True, cwd=copy, capture_output=True, text=True, check=True).stdout
+    assert Path(out.strip()).resolve() == (copy / "src" / "sharpkd" / "__init__.py").resolve()
 
 
 @pytest.mark.parametrize("stage", STAGES)
