@@ -177,6 +177,41 @@ def test_non_finite_loss_stops(tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    ("amp", "cpu_flags", "precision"),
+    [
+        (True, {"avx512_bf16"}, "bf16"),
+        (True, {"amx_bf16"}, "bf16"),
+        (True, set(), "fp32"),
+        (False, {"avx512_bf16"}, "fp32"),
+    ],
+)
+def test_bf16_training_passes_only_where_the_cpu_computes_bf16(amp, cpu_flags, precision, monkeypatch):
+    """distill.amp on a CPU: bf16 autocast for the training passes where the CPU has bf16 instructions
+    (elsewhere oneDNN emulates it, slower than fp32); validation and the weights stay fp32."""
+    import sharpkd.train as train
+
+    monkeypatch.setattr(train, "_cpu_flags", lambda: frozenset(cpu_flags))
+    student = Student(scale=2, channels=8, blocks=1)
+    obj = DistillObjective(student, loss_params(pixel=1, kd=0))
+    dtypes: list[torch.dtype] = []
+    student.head[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    eval_dtypes: list[torch.dtype] = []
+
+    def evaluate():
+        before = len(dtypes)
+        student(torch.rand(1, 3, 16, 16))
+        eval_dtypes.extend(dtypes[before:])
+        del dtypes[before:]
+        return {"psnr": 0.0}
+
+    result = fit(obj, lambda step: _batch(), FitConfig(steps=3, lr=1e-3, amp=amp), evaluate=evaluate)
+    assert result.precision == precision
+    assert set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert eval_dtypes == [torch.float32]
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
 def test_corrupt_checkpoint_is_set_aside_and_training_restarts(tmp_path, capsys):
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"step": 1, "steps": 2}, ckpt)

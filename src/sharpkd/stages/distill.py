@@ -139,7 +139,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         pd.DataFrame(result.curve).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     print(
         f"[distill] best val PSNR {summary['val_psnr']:.2f} dB (step {result.best_step}), "
-        f"{summary.get('steps_per_s_reason') or f'{result.steps_per_s:.2f} steps/s'}, "
+        f"{summary.get('steps_per_s_reason') or f'{result.steps_per_s:.2f} steps/s ({result.precision})'}, "
         f"{summary['params']:,} params, {summary['gmacs_1080p']} GMACs/1080p"
     )
     tracker.log_metrics({f"distill.{k}": v for k, v in summary.items() if isinstance(v, int | float)})
