@@ -61,7 +61,7 @@ def main() -> int:
     console.print(render_table(result))
     t = result["training"]
     console.print(
-        f"student training: {t['steps_per_s']} steps/s on {t['device']} "
+        f"student training: {t['steps_per_s']} steps/s on {t['device']} in {t['precision']} "
         f"(batch {t['batch_size']} of {t['patch']}x{t['patch']} patches)",
         markup=False,
     )

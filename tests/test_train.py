@@ -212,6 +212,16 @@ def test_bf16_training_passes_only_where_the_cpu_computes_bf16(amp, cpu_flags, p
     assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize(("cpu_flags", "precision"), [({"avx512_bf16"}, "bf16"), (set(), "fp32")])
+def test_training_benchmark_times_the_precision_training_uses(cpu_flags, precision, monkeypatch):
+    import sharpkd.train as train
+    from sharpkd.bench import student_training_speed
+
+    monkeypatch.setattr(train, "_cpu_flags", lambda: frozenset(cpu_flags))
+    result = student_training_speed(scale=2, channels=4, blocks=1, patch=16, batch_size=2, steps=1)
+    assert result["precision"] == precision and result["steps_per_s"] > 0
+
+
 def test_corrupt_checkpoint_is_set_aside_and_training_restarts(tmp_path, capsys):
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"step": 1, "steps": 2}, ckpt)

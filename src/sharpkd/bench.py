@@ -270,12 +270,17 @@ def teacher_patch_throughput(lr_side: int, batch_size: int, batches: int = 3, de
 def student_training_speed(
     scale: int, channels: int, blocks: int, patch: int, batch_size: int, steps: int = 5
 ) -> dict:
-    """Training steps/s of a student of this shape: forward, L1 pixel + kd loss, backward, AdamW step."""
+    """Training steps/s of a student of this shape: forward, L1 pixel + kd loss, backward, AdamW step,
+    in the precision `distill.amp: true` trains in on this device (bf16 where native)."""
+    import contextlib
+
     from sharpkd.config import LossParams
     from sharpkd.losses import DistillObjective
     from sharpkd.models.student import Student
+    from sharpkd.train import native_bf16
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = native_bf16(torch.device(device))
     # What the default profile trains: pixel + KD, no perceptual or feature loss.
     loss = LossParams(
         pixel=1.0,
@@ -295,7 +300,8 @@ def student_training_speed(
     }
 
     def step():
-        total, _ = objective(batch)
+        with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            total, _ = objective(batch)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -303,7 +309,13 @@ def student_training_speed(
             torch.cuda.synchronize()
 
     ms = time_ms(step, steps)
-    return {"device": device, "patch": patch, "batch_size": batch_size, "steps_per_s": round(1000.0 / ms, 3)}
+    return {
+        "device": device,
+        "precision": "bf16" if bf16 else "fp32",
+        "patch": patch,
+        "batch_size": batch_size,
+        "steps_per_s": round(1000.0 / ms, 3),
+    }
 
 
 def render_table(result: dict):
