@@ -212,6 +212,25 @@ def test_bf16_training_passes_only_where_the_cpu_computes_bf16(amp, cpu_flags, p
     assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
+def test_a_checkpoint_resumes_only_in_the_precision_it_began_in(tmp_path, monkeypatch, capsys):
+    import sharpkd.train as train
+
+    ckpt = tmp_path / "ckpt.pt"
+
+    def run(cpu_flags):
+        monkeypatch.setattr(train, "_cpu_flags", lambda: frozenset(cpu_flags))
+        obj = DistillObjective(Student(scale=2, channels=8, blocks=1), loss_params(pixel=1, kd=0))
+        return fit(
+            obj, lambda step: _batch(), FitConfig(steps=2, lr=1e-3, checkpoint_every=1), checkpoint_path=ckpt
+        )
+
+    assert run(set()).resumed_from == 0  # fp32, finished
+    assert run(set()).resumed_from == 2  # same arithmetic: resumed at its end
+    capsys.readouterr()
+    assert run({"avx512_bf16"}).resumed_from == 0  # bf16 now: trained again
+    assert "from a different configuration" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("cpu_flags", "precision"), [({"avx512_bf16"}, "bf16"), (set(), "fp32")])
 def test_training_benchmark_times_the_precision_training_uses(cpu_flags, precision, monkeypatch):
     import sharpkd.train as train

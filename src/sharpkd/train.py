@@ -133,13 +133,18 @@ def fit(
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
     start, curve, best, best_step, best_state = 0, [], {}, -1, None
+    # Only the training passes: validation (run_eval) and everything saved stay in fp32.
+    precision = "bf16" if cfg.amp and native_bf16(device) else "fp32"
+    # The precision is part of what a checkpoint must match: a run is resumed only in the arithmetic
+    # it began in (fp32 checkpoints from before CPU bf16 training existed train again).
+    fingerprint = _jsonable({**cfg.fingerprint, "precision": precision})
 
     ckpt_path = Path(checkpoint_path) if checkpoint_path else None
     if ckpt_path and rank == 0:
         remove_stale_temps(ckpt_path.parent)  # a checkpoint half-written when a run was killed
     ckpt = _read_checkpoint(ckpt_path, desc, rank) if ckpt_path and ckpt_path.is_file() else None
     if ckpt is not None:
-        if ckpt.get("fingerprint") == _jsonable(cfg.fingerprint) and ckpt.get("steps") == cfg.steps:
+        if ckpt.get("fingerprint") == fingerprint and ckpt.get("steps") == cfg.steps:
             objective.load_state_dict(ckpt["objective"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -156,8 +161,6 @@ def fit(
     model = objective
     if world > 1:
         model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if on_cuda else None)
-    # Only the training passes: validation (run_eval) and everything saved stay in fp32.
-    precision = "bf16" if cfg.amp and native_bf16(device) else "fp32"
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     )
@@ -177,7 +180,7 @@ def fit(
             "best": best,
             "best_step": best_step,
             "best_state": best_state,
-            "fingerprint": _jsonable(cfg.fingerprint),
+            "fingerprint": fingerprint,
             "config": asdict(cfg),
         }
         with atomic_path(ckpt_path) as tmp:
