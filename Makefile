@@ -83,30 +83,33 @@ results: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results_table.py --readme README.md --block results \
 		$(REFERENCE_ARMS)
 
-# The new-domain experiment (README "A new domain"): one more arm on the reference's data, budget and
-# evaluation sets: the photographs distilled, plus the 40 Manga109 pages of $(MANGA)/unlabeled_x4 that
-# exist only as x4 LR images (no HR) as teacher-only inputs, DOMAIN_FRACTION of each batch. Its table
-# compares it with the reference's ref-baseline and ref-distill on the 20 Manga109 test pages, so it
-# needs `make reference` (or `make experiments`, which runs all four arms at once).
+# The new-domain experiment (README "A new domain"): the default student (params.yaml) on the reference's
+# data, budget and evaluation sets, two arms at equal compute, side by side on one thread each:
+#   dom-baseline  the photographs alone, no teacher
+#   dom-manga     the photographs distilled, plus the 40 Manga109 pages of $(MANGA)/unlabeled_x4 that
+#                 exist only as x4 LR images (no HR) as teacher-only inputs, DOMAIN_FRACTION of each batch
 DOMAIN_FRACTION ?= 0.5
-DOMAIN_ARMS := ref-baseline="photographs only, no teacher" ref-distill="photographs only, distilled" \
+DOMAIN_JOBS ?= 2
+DOMAIN_PARAMS := $(SWEEP_PARAMS) -S ++eval.sets.Manga109=$(MANGA)/test/HR
+DOMAIN_ARMS := dom-baseline="photographs only, no teacher" \
 	dom-manga="photographs + unlabeled Manga109 pages, distilled"
 
 queue-domain: $(VENV)/.installed
-	-$(DVC) exp remove dom-manga 2>/dev/null
-	$(DVC) exp run --queue -n dom-manga $(REF_PARAMS) -S data.unlabeled=$(MANGA)/unlabeled_x4 \
+	-$(DVC) exp remove dom-baseline dom-manga 2>/dev/null
+	$(DVC) exp run --queue -n dom-baseline $(DOMAIN_PARAMS) $(NO_TEACHER)
+	$(DVC) exp run --queue -n dom-manga $(DOMAIN_PARAMS) -S data.unlabeled=$(MANGA)/unlabeled_x4 \
 		-S distill.unlabeled_fraction=$(DOMAIN_FRACTION)
 
 domain: queue-domain
-	$(DVC) exp run --run-all -j 1
+	$(DVC) exp run --run-all -j $(DOMAIN_JOBS)
 	$(MAKE) domain-results
 
 domain-results: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results_table.py --readme README.md --block domain \
 		$(DOMAIN_ARMS)
 
-# All four arms at once (about two and a half hours on a 2-core CPU), then both tables.
-EXPERIMENT_JOBS ?= 4
+# All five arms at once (about three hours on a 2-core CPU), then both tables.
+EXPERIMENT_JOBS ?= 5
 experiments: queue-reference queue-domain
 	$(DVC) exp run --run-all -j $(EXPERIMENT_JOBS)
 	$(MAKE) results domain-results
@@ -115,19 +118,23 @@ experiments: queue-reference queue-domain
 # depths and block types on the reference data and budget, distilled from PAN, two at a time; then
 # scripts/sweep_table.py measures each size's float32 and INT8 speed side by side in one run and writes
 # the Pareto table and docs/sweep.png into the README. A rep student trains at a lower learning rate.
+# SWEEP_TAG is appended to the arm names, so a second recipe does not replace the first's arms.
 SWEEP_JOBS ?= 2
 SWEEP_REP_LR ?= 0.0005
 SWEEP_PLAIN_LR ?= 0.002
+SWEEP_WARMUP ?= 30
 SWEEP_BLOCKS ?= plain rep
 SWEEP_SIZES ?= 32x4 48x4 48x6 64x4
-SWEEP_ARMS = $(foreach b,$(SWEEP_BLOCKS),$(foreach s,$(SWEEP_SIZES),sweep-$(b)-$(s)))
+SWEEP_TAG ?=
+SWEEP_ARMS = $(foreach b,$(SWEEP_BLOCKS),$(foreach s,$(SWEEP_SIZES),sweep-$(b)-$(s)$(SWEEP_TAG)))
 queue-sweep: $(VENV)/.installed
 	-$(DVC) exp remove $(SWEEP_ARMS) 2>/dev/null
 	$(foreach a,$(SWEEP_ARMS),$(DVC) exp run --queue -n $(a) $(SWEEP_PARAMS) \
 		-S student.block=$(word 2,$(subst -, ,$(a))) \
 		-S student.channels=$(word 1,$(subst x, ,$(word 3,$(subst -, ,$(a))))) \
 		-S student.blocks=$(word 2,$(subst x, ,$(word 3,$(subst -, ,$(a))))) \
-		-S distill.lr=$(if $(filter rep,$(word 2,$(subst -, ,$(a)))),$(SWEEP_REP_LR),$(SWEEP_PLAIN_LR)) && ) true
+		-S distill.lr=$(if $(filter rep,$(word 2,$(subst -, ,$(a)))),$(SWEEP_REP_LR),$(SWEEP_PLAIN_LR)) \
+		-S distill.warmup_steps=$(SWEEP_WARMUP) && ) true
 
 sweep: queue-sweep
 	$(DVC) exp run --run-all -j $(SWEEP_JOBS)

@@ -105,6 +105,8 @@ def build_rows(exps: dict[str, dict], speeds: dict[tuple[int, int], dict]) -> li
                 # train.json had no precision before CPU bf16 training existed; those runs were fp32.
                 "train_precision": m.get("precision") if m.get("precision") not in (None, "None") else "fp32",
                 "train_minutes": None if _num(m.get("seconds")) is None else _num(m["seconds"]) / 60,
+                "lr": _num(m.get("distill.lr")),
+                "warmup": _num(m.get("distill.warmup_steps")),
             }
         )
     return rows
@@ -119,7 +121,7 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
     }
     lines = [
         f"| experiment | block | channels x blocks | params | {QUALITY_SET} PSNR fp32 / INT8 "
-        "| ms / 1080p fp32 / INT8 | Pareto (fp32 / INT8) | training: precision, minutes |",
+        "| ms / 1080p fp32 / INT8 | Pareto (fp32 / INT8) | training: lr, warm-up, precision, minutes |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows):
@@ -128,12 +130,14 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
             f"| `{r['experiment']}` | {r['block']} | {r['size'][0]} x {r['size'][1]} | {params} "
             f"| {f(r['psnr_fp32'], 2)} / {f(r['psnr_int8'], 2)} | {r['ms_fp32']:.0f} / {r['ms_int8']:.0f} "
             f"| {'yes' if best['fp32'][i] else ''} / {'yes' if best['int8'][i] else ''} "
-            f"| {r['train_precision']}, {f(r['train_minutes'], 0)} |"
+            f"| {'n/a' if r['lr'] is None else format(r['lr'], 'g')}, {f(r['warmup'], 0)}, "
+            f"{r['train_precision']}, {f(r['train_minutes'], 0)} |"
         )
     lines += [
         "",
         f"ms: ONNX Runtime, {threads} threads, {cpu}, measured side by side in one run by scripts/sweep_table.py.",
-        "Training: the precision of its passes (`distill.amp`) and its wall-clock minutes (metrics/train.json).",
+        "Training: peak learning rate and warm-up steps (`distill.lr`, `distill.warmup_steps`), the precision of",
+        "its passes (`distill.amp`) and its wall-clock minutes (metrics/train.json).",
     ]
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ def test_rows_and_table_from_experiment_metrics(tmp_path):
         "sweep-rep-48x4": {
             "student.channels": 48, "student.blocks": 4, "student.block": "rep", "student.params": 120000,
             "Set5.student.psnr": 31.5, "int8.Set5.psnr_int8": 31.45, "precision": "bf16", "seconds": 2700.0,
+            "distill.lr": 0.001, "distill.warmup_steps": 300,
         },
         "sweep-plain-32x4": {
             "student.channels": 32, "student.blocks": 4, "student.block": "plain", "student.params": 64720,
@@ -34,11 +35,11 @@ def test_rows_and_table_from_experiment_metrics(tmp_path):
     assert rows[0]["psnr_int8"] is None and rows[1]["ms_int8"] == 90.0
     table = sweep_table.render(rows, 2, "test cpu")
     assert (
-        "| `sweep-rep-48x4` | rep | 48 x 4 | 120,000 | 31.50 / 31.45 | 200 / 90 | yes / yes | bf16, 45 |"
+        "| `sweep-rep-48x4` | rep | 48 x 4 | 120,000 | 31.50 / 31.45 | 200 / 90 | yes / yes | 0.001, 300, bf16, 45 |"
         in table
     )
     # Before train.json recorded precision every CPU run was fp32; a missing time is n/a, not 0.
-    assert "31.00 / n/a" in table and "| fp32, n/a |" in table
+    assert "31.00 / n/a" in table and "| n/a, n/a, fp32, n/a |" in table
     readme = "intro\n<!-- sweep:start -->\nold\n<!-- sweep:end -->\nrest\n"
     new = sweep_table.replace_block(readme, table)
     assert "old" not in new and new.startswith("intro\n") and new.endswith("rest\n") and table in new
