@@ -65,17 +65,16 @@ def test_reference_and_domain_arms_are_valid_params(target):
     for name, p in params.items():
         assert set(p.eval.sets) == {"Set5", "Manga109"}, name
         assert p.distill.steps == 24000 and p.distill.batch_size == 32, name
+    # The reference pins the plain 32 x 4 student its tables were measured with; the domain arm adds
+    # the unlabeled Manga109 pages to the same recipe.
+    assert all(p.student.block == "plain" and p.student.channels == 32 for p in params.values())
     if target == "queue-domain":
-        # The domain arms train the default student; only the baseline lacks the teacher.
-        default = params_from_dict(yaml.safe_load((REPO / "params.yaml").read_text()))
-        assert set(params) == {"dom-baseline", "dom-manga"}
-        assert all(p.student == default.student for p in params.values())
-        assert not params["dom-baseline"].distill.teacher and params["dom-manga"].distill.teacher
+        assert set(params) == {"dom-manga"}
         assert params["dom-manga"].data.unlabeled.endswith("unlabeled_x4")
         assert params["dom-manga"].distill.unlabeled_fraction > 0
     else:
         assert set(params) == {"ref-baseline", "ref-distill", "ref-upcycle"}
-        assert all(p.student.block == "plain" and p.student.channels == 32 for p in params.values())
+        assert not params["ref-baseline"].distill.teacher and params["ref-distill"].distill.teacher
         assert tuple(params["ref-upcycle"].data.upcycle) == ("zoom_out",)
 
 
