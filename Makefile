@@ -114,7 +114,8 @@ experiments: queue-reference queue-domain
 # The student-size sweep (README "A stronger student at the same cost"): students of several widths,
 # depths and block types on the reference data and budget, distilled from PAN, two at a time; then
 # scripts/sweep_table.py measures each size's float32 and INT8 speed side by side in one run and writes
-# the Pareto table and docs/sweep.png into the README. A rep student trains at a lower learning rate.
+# the Pareto table and docs/sweep.png into the README. The defaults are the recipe of the first arms
+# (rep at lr 5e-4, 30 warm-up steps); the default student's is SWEEP_REP_LR=0.001 SWEEP_WARMUP=300.
 # SWEEP_TAG is appended to the arm names, so a second recipe does not replace the first's arms.
 SWEEP_JOBS ?= 2
 SWEEP_REP_LR ?= 0.0005
