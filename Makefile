@@ -45,6 +45,9 @@ bench: $(VENV)/.installed
 #                 batch. REF_UPCYCLE picks DUKD's zoom-out (the LR downscaled again by the scale, the
 #                 teacher's output of it as the target), which helped in a short trial where zoom-in
 #                 (the HR as the teacher's input; cropped to REF_ZOOM_SIDE) did not (README).
+# Every arm trains the student REF_BLOCK, REF_CHANNELS x REF_BLOCKS at REF_LR with REF_WARMUP warm-up
+# steps (by default params.yaml's, the sweep's best) and is named after it: ref-baseline-rep64x5, ...
+# The earlier plain 32 x 4 arms: REF_BLOCK=plain REF_CHANNELS=32 REF_BLOCKS=4 REF_LR=0.002 REF_WARMUP=30.
 # Absolute paths: queued experiments run in a temporary copy of the repo.
 SHARED ?= $(abspath ../shared)
 MANGA ?= $(SHARED)/domains/Manga109
@@ -53,27 +56,37 @@ REF_JOBS ?= 3
 REF_UPCYCLE ?= [zoom_out]
 REF_ZOOM_SIDE ?= 128
 REF_FRACTION ?= 0.25
+REF_BLOCK ?= rep
+REF_CHANNELS ?= 64
+REF_BLOCKS ?= 5
+REF_LR ?= 0.001
+REF_WARMUP ?= 300
+REF_STUDENT = $(REF_BLOCK)$(REF_CHANNELS)x$(REF_BLOCKS)
 REF_PARAMS := -S data.source=folder -S data.folder.train=$(SHARED)/trainsets -S degradation.jpeg_prob=0 \
 	-S teacher.source=pan -S weights.dir=$(SHARED)/weights -S ++eval.sets.Set5=$(SHARED)/testsets/Set5/HR \
 	-S distill.steps=$(REF_STEPS) -S distill.batch_size=32 -S distill.eval_every=1000 \
 	-S distill.checkpoint_every=1000 -S distill.threads=1
-# The sweep is judged on Set5 only; the reference and domain arms are also evaluated on Manga109,
-# with the student their README tables were measured with (the default before the sweep).
+# The sweep is judged on Set5 only and sets its own students; the reference and domain arms are also
+# evaluated on Manga109.
 SWEEP_PARAMS := $(REF_PARAMS)
-REF_PARAMS += -S ++eval.sets.Manga109=$(MANGA)/test/HR \
-	-S student.block=plain -S student.channels=32 -S student.blocks=4 -S distill.lr=0.002
+REF_PARAMS += -S ++eval.sets.Manga109=$(MANGA)/test/HR -S student.block=$(REF_BLOCK) \
+	-S student.channels=$(REF_CHANNELS) -S student.blocks=$(REF_BLOCKS) -S distill.lr=$(REF_LR) \
+	-S distill.warmup_steps=$(REF_WARMUP)
 NO_TEACHER := -S distill.teacher=false -S loss.kd=0 -S loss.feature=0
 UPCYCLE := -S 'data.upcycle=$(REF_UPCYCLE)' -S data.teacher_only_max_side=$(REF_ZOOM_SIDE) \
 	-S distill.unlabeled_fraction=$(REF_FRACTION)
 DVC := PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc
-REFERENCE_ARMS := ref-baseline="HR only, no teacher" ref-distill="distilled, labelled images" \
-	ref-upcycle="distilled, labelled + upcycled teacher-only images"
+# `dvc exp remove a b` removes nothing when one of the names does not exist: one name at a time.
+REMOVE_EXPERIMENTS = for name in $(1); do $(DVC) exp remove $$name 2>/dev/null; done; true
+REFERENCE_ARMS = ref-baseline-$(REF_STUDENT)="HR only, no teacher" \
+	ref-distill-$(REF_STUDENT)="distilled, labelled images" \
+	ref-upcycle-$(REF_STUDENT)="distilled, labelled + upcycled teacher-only images"
 
 queue-reference: $(VENV)/.installed
-	-$(DVC) exp remove ref-baseline ref-distill ref-upcycle 2>/dev/null
-	$(DVC) exp run --queue -n ref-baseline $(REF_PARAMS) $(NO_TEACHER)
-	$(DVC) exp run --queue -n ref-distill $(REF_PARAMS)
-	$(DVC) exp run --queue -n ref-upcycle $(REF_PARAMS) $(UPCYCLE)
+	$(call REMOVE_EXPERIMENTS,ref-baseline-$(REF_STUDENT) ref-distill-$(REF_STUDENT) ref-upcycle-$(REF_STUDENT))
+	$(DVC) exp run --queue -n ref-baseline-$(REF_STUDENT) $(REF_PARAMS) $(NO_TEACHER)
+	$(DVC) exp run --queue -n ref-distill-$(REF_STUDENT) $(REF_PARAMS)
+	$(DVC) exp run --queue -n ref-upcycle-$(REF_STUDENT) $(REF_PARAMS) $(UPCYCLE)
 
 reference: queue-reference
 	$(DVC) exp run --run-all -j $(REF_JOBS)
@@ -83,18 +96,20 @@ results: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results_table.py --readme README.md --block results \
 		$(REFERENCE_ARMS)
 
-# The new-domain experiment (README "A new domain"): one more arm on the reference's data, budget and
-# evaluation sets: the photographs distilled, plus the 40 Manga109 pages of $(MANGA)/unlabeled_x4 that
-# exist only as x4 LR images (no HR) as teacher-only inputs, DOMAIN_FRACTION of each batch. Its table
-# compares it with the reference's ref-baseline and ref-distill on the 20 Manga109 test pages, so it
-# needs `make reference` (or `make experiments`, which runs all four arms at once).
+# The new-domain experiment (README "A new domain"): one more arm on the reference's data, budget,
+# student and evaluation sets: the photographs distilled, plus the 40 Manga109 pages of
+# $(MANGA)/unlabeled_x4 that exist only as x4 LR images (no HR) as teacher-only inputs, DOMAIN_FRACTION
+# of each batch. Its table compares it with the reference's ref-baseline and ref-distill arms of the
+# same student on the 20 Manga109 test pages, so it needs `make reference` (or `make experiments`,
+# which runs all four arms at once).
 DOMAIN_FRACTION ?= 0.5
-DOMAIN_ARMS := ref-baseline="photographs only, no teacher" ref-distill="photographs only, distilled" \
-	dom-manga="photographs + unlabeled Manga109 pages, distilled"
+DOMAIN_ARMS = ref-baseline-$(REF_STUDENT)="photographs only, no teacher" \
+	ref-distill-$(REF_STUDENT)="photographs only, distilled" \
+	dom-manga-$(REF_STUDENT)="photographs + unlabeled Manga109 pages, distilled"
 
 queue-domain: $(VENV)/.installed
-	-$(DVC) exp remove dom-manga 2>/dev/null
-	$(DVC) exp run --queue -n dom-manga $(REF_PARAMS) -S data.unlabeled=$(MANGA)/unlabeled_x4 \
+	$(call REMOVE_EXPERIMENTS,dom-manga-$(REF_STUDENT))
+	$(DVC) exp run --queue -n dom-manga-$(REF_STUDENT) $(REF_PARAMS) -S data.unlabeled=$(MANGA)/unlabeled_x4 \
 		-S distill.unlabeled_fraction=$(DOMAIN_FRACTION)
 
 domain: queue-domain
@@ -126,7 +141,7 @@ SWEEP_SIZES ?= 32x4 48x4 48x6 64x4
 SWEEP_TAG ?=
 SWEEP_ARMS = $(foreach b,$(SWEEP_BLOCKS),$(foreach s,$(SWEEP_SIZES),sweep-$(b)-$(s)$(SWEEP_TAG)))
 queue-sweep: $(VENV)/.installed
-	-$(DVC) exp remove $(SWEEP_ARMS) 2>/dev/null
+	$(call REMOVE_EXPERIMENTS,$(SWEEP_ARMS))
 	$(foreach a,$(SWEEP_ARMS),$(DVC) exp run --queue -n $(a) $(SWEEP_PARAMS) \
 		-S student.block=$(word 2,$(subst -, ,$(a))) \
 		-S student.channels=$(word 1,$(subst x, ,$(word 3,$(subst -, ,$(a))))) \

@@ -62,20 +62,39 @@ def test_reference_and_domain_arms_are_valid_params(target):
     arms = queued_arms(target)
     assert arms, f"make -n {target} queued nothing"
     params = {name: apply_overrides(overrides) for name, overrides in arms.items()}
+    default = apply_overrides([])
     for name, p in params.items():
         assert set(p.eval.sets) == {"Set5", "Manga109"}, name
         assert p.distill.steps == 24000 and p.distill.batch_size == 32, name
-    # The reference pins the plain 32 x 4 student its tables were measured with; the domain arm adds
-    # the unlabeled Manga109 pages to the same recipe.
-    assert all(p.student.block == "plain" and p.student.channels == 32 for p in params.values())
+        # By default every arm trains params.yaml's student at its lr, named after it.
+        assert p.student == default.student, name
+        assert (p.distill.lr, p.distill.warmup_steps) == (
+            default.distill.lr,
+            default.distill.warmup_steps,
+        ), name
+        student = f"{default.student.block}{default.student.channels}x{default.student.blocks}"
+        assert name.endswith(f"-{student}"), name
+    by_arm = {name.rsplit("-", 1)[0]: p for name, p in params.items()}
     if target == "queue-domain":
-        assert set(params) == {"dom-manga"}
-        assert params["dom-manga"].data.unlabeled.endswith("unlabeled_x4")
-        assert params["dom-manga"].distill.unlabeled_fraction > 0
+        assert set(by_arm) == {"dom-manga"}
+        assert by_arm["dom-manga"].data.unlabeled.endswith("unlabeled_x4")
+        assert by_arm["dom-manga"].distill.unlabeled_fraction > 0
     else:
-        assert set(params) == {"ref-baseline", "ref-distill", "ref-upcycle"}
-        assert not params["ref-baseline"].distill.teacher and params["ref-distill"].distill.teacher
-        assert tuple(params["ref-upcycle"].data.upcycle) == ("zoom_out",)
+        assert set(by_arm) == {"ref-baseline", "ref-distill", "ref-upcycle"}
+        assert not by_arm["ref-baseline"].distill.teacher and by_arm["ref-distill"].distill.teacher
+        assert tuple(by_arm["ref-upcycle"].data.upcycle) == ("zoom_out",)
+
+
+def test_reference_arms_of_another_student_are_named_after_it():
+    arms = queued_arms(
+        "queue-reference", "REF_BLOCK=plain", "REF_CHANNELS=32", "REF_BLOCKS=4", "REF_LR=0.002",
+        "REF_WARMUP=30",
+    )  # fmt: skip
+    assert set(arms) == {"ref-baseline-plain32x4", "ref-distill-plain32x4", "ref-upcycle-plain32x4"}
+    for overrides in arms.values():
+        p = apply_overrides(overrides)
+        assert (p.student.block, p.student.channels, p.student.blocks) == ("plain", 32, 4)
+        assert (p.distill.lr, p.distill.warmup_steps) == (0.002, 30)
 
 
 def test_a_misspelt_override_is_caught():
