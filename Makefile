@@ -120,7 +120,7 @@ domain-results: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/results_table.py --readme README.md --block domain \
 		$(DOMAIN_ARMS)
 
-# All four arms at once (about two and a half hours on a 2-core CPU), then both tables.
+# All four arms at once (over three hours on a 2-core CPU at the default student), then both tables.
 EXPERIMENT_JOBS ?= 4
 experiments: queue-reference queue-domain
 	$(DVC) exp run --run-all -j $(EXPERIMENT_JOBS)
