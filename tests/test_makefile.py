@@ -100,3 +100,15 @@ def test_reference_arms_of_another_student_are_named_after_it():
 def test_a_misspelt_override_is_caught():
     with pytest.raises(ConfigError, match="distill.warmup_step"):
         apply_overrides(["distill.warmup_step=300"])
+
+
+def test_results_takes_extra_arms():
+    out = subprocess.run(
+        ["make", "-n", "-s", "results", 'REF_EXTRA_ARMS=ref-upcycle-rep64x5-f25="a quarter"'],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    words = shlex.split(out.replace("\\\n", " "))
+    arms = [w.split("=", 1)[0] for w in words if w.startswith("ref-")]
+    # The three arms of make reference (named after params.yaml's student), then the extra one.
+    assert [a.rsplit("-", 1)[0] for a in arms[:3]] == ["ref-baseline", "ref-distill", "ref-upcycle"]
+    assert arms[3:] == ["ref-upcycle-rep64x5-f25"]
