@@ -18,13 +18,18 @@ from helpers import REPO
 from sharpkd.config import ConfigError, params_from_dict
 
 
-def queued_arms(*make_args: str) -> dict[str, list[str]]:
-    """arm name -> its `-S` overrides, from the commands `make -n` prints."""
+def dry_run(*make_args: str) -> str:
+    """The commands `make -n` prints, continuation lines joined."""
     out = subprocess.run(
         ["make", "-n", "-s", *make_args], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
+    return out.replace("\\\n", " ")
+
+
+def queued_arms(*make_args: str) -> dict[str, list[str]]:
+    """arm name -> its `-S` overrides, from the commands `make -n` prints."""
     arms = {}
-    for command in re.split(r"&&|\n", out.replace("\\\n", " ")):
+    for command in re.split(r"&&|\n", dry_run(*make_args)):
         words = shlex.split(command)
         if "--queue" in words:
             name = words[words.index("-n") + 1]
@@ -103,11 +108,7 @@ def test_a_misspelt_override_is_caught():
 
 
 def test_results_takes_extra_arms():
-    out = subprocess.run(
-        ["make", "-n", "-s", "results", 'REF_EXTRA_ARMS=ref-upcycle-rep64x5-f25="a quarter"'],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    words = shlex.split(out.replace("\\\n", " "))
+    words = shlex.split(dry_run("results", 'REF_EXTRA_ARMS=ref-upcycle-rep64x5-f25="a quarter"'))
     arms = [w.split("=", 1)[0] for w in words if w.startswith("ref-")]
     # The three arms of make reference (named after params.yaml's student), then the extra one.
     assert [a.rsplit("-", 1)[0] for a in arms[:3]] == ["ref-baseline", "ref-distill", "ref-upcycle"]
