@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from sharpkd.config import Params, params_from_dict
-from sharpkd.stages import StagePaths
+from sharpkd.pipeline import StagePaths
+from sharpkd.tracking import NullTracker  # noqa: F401 (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -84,102 +85,3 @@ def loss_params(**overrides):
     return dataclasses.replace(params_from_dict(repo_params_dict()).loss, **overrides)
 
 
-class NullTracker:
-    """Stands in for tracking when a test calls stage logic directly (tracking has its own tests)."""
-
-    def log_metrics(self, *a, **k): ...
-    def log_params(self, *a, **k): ...
-    def set_tags(self, *a, **k): ...
-    def log_artifact(self, *a, **k): ...
-    def log_artifacts(self, *a, **k): ...
-    def log_onnx_model(self, *a, **k): ...
-
-
-def stage_paths(root: Path, **overrides) -> StagePaths:
-    """The pipeline's layout under `root`, with some folders put elsewhere."""
-    return dataclasses.replace(StagePaths.under(root), **overrides)
-
-
-def run_download(params: Params, raw: Path, tracker=None) -> dict:
-    from sharpkd.stages import download
-
-    return download.run(params, stage_paths(raw.parent, raw=raw), tracker or NullTracker())
-
-
-def run_degrade(params: Params, raw: Path, pairs: Path, tracker=None) -> dict:
-    from sharpkd.stages import degrade
-
-    return degrade.run(params, stage_paths(pairs.parent, raw=raw, pairs=pairs), tracker or NullTracker())
-
-
-def run_teacher(params: Params, pairs: Path, teacher: Path) -> dict:
-    from sharpkd.stages import teacher as stage
-
-    return stage.run(params, stage_paths(teacher.parent, pairs=pairs, teacher=teacher), NullTracker())
-
-
-def run_cache_teacher(params: Params, pairs: Path, teacher: Path, cache: Path) -> dict:
-    from sharpkd.stages import cache_teacher
-
-    paths = stage_paths(cache.parent, pairs=pairs, teacher=teacher, teacher_cache=cache)
-    return cache_teacher.run(params, paths, NullTracker())
-
-
-def make_pairs(root: Path, params: Params) -> Path:
-    """Real download (samples) + degrade into root/data; returns root/data/pairs."""
-    from sharpkd.stages import degrade, download
-
-    download.run(params, stage_paths(root), NullTracker())
-    degrade.run(params, stage_paths(root), NullTracker())
-    return root / "data" / "pairs"
-
-
-def make_teacher_cache(root: Path, params: Params) -> Path:
-    """make_pairs, then the real teacher stage and teacher cache into root/models/teacher and root/data/teacher."""
-    from sharpkd.stages import cache_teacher, teacher
-
-    make_pairs(root, params)
-    teacher.run(params, stage_paths(root), NullTracker())
-    cache_teacher.run(params, stage_paths(root), NullTracker())
-    return root
-
-
-@contextlib.contextmanager
-def lpips_from_empty_server(folder: Path, monkeypatch):
-    """pyiqa's LPIPS weight URLs pointed at a local server holding none of them: downloads fail, offline."""
-    from sharpkd import metrics as M
-
-    folder.mkdir(exist_ok=True)
-    with serve_folder(folder) as base:
-        files = {
-            k: M.WeightFile(f.filename, base + f.filename, f.cache_subdir, f.hash_prefix)
-            for k, f in M._lpips_files().items()
-        }
-        monkeypatch.setattr(M, "_lpips_files", lambda: files)
-        yield
-
-
-class serve_folder:
-    """Serve `folder` over HTTP on 127.0.0.1 (a free port) in a thread: `with serve_folder(p) as base_url:`."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def __enter__(self) -> str:
-        import functools
-        import threading
-        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-        class Quiet(SimpleHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(Quiet, directory=str(self.folder))
-        )
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}/"
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()

@@ -46,7 +46,7 @@ def _photo(h: int, w: int, seed: int) -> np.ndarray:
 def _pipeline(root: Path, scale: int, patch: int, monkeypatch) -> tuple[Path, object]:
     """Real download (folder) + degrade with teacher-only inputs + cache_teacher with the coordinate teacher."""
     from sharpkd.models import teacher as teacher_models
-    from sharpkd.stages import cache_teacher, degrade
+    from stages import cache_teacher, degrade
 
     src = root / "src"
     for sub, sizes in (("train", [(151, 133), (100, 170)]), ("valid", [(40, 44)])):

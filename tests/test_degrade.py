@@ -465,7 +465,7 @@ def test_zoom_out_input(raw, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "unreadable", "too_small"])
 def test_bad_unlabeled_folder_fails_before_any_work(case, raw, tmp_path, monkeypatch):
-    import sharpkd.stages.degrade as stage
+    import stages.degrade as stage
 
     folder = tmp_path / "footage"
     if case == "file":

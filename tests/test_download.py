@@ -611,14 +611,14 @@ def _repo_copy(dst: Path) -> Path:
 
 
 def test_stage_scripts_in_a_repo_copy(tmp_path):
-    """`python -m sharpkd.stages.download` and `.degrade` as dvc.yaml runs them; a bad key is one line, exit 1."""
+    """`python stages/download.py` and `stages/degrade.py` as dvc.yaml runs them; a bad key is one line, exit 1."""
     repo = _repo_copy(tmp_path / "repo")
     (repo / "params.yaml").write_text(yaml.safe_dump(deep_update(repo_params_dict(), TINY)))
     env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
 
     def run(stage):
         return subprocess.run(
-            [sys.executable, "-m", f"sharpkd.stages.{stage}"],
+            [sys.executable, str(REPO / "stages" / f"{stage}.py")],
             cwd=repo,
             env=env,
             capture_output=True,
@@ -657,7 +657,7 @@ def test_folder_source_with_a_file_name_that_is_not_utf8(tmp_path):
     params["data"].update(source="folder", folder={"train": str(photos), "valid": ""})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run(
-        [sys.executable, "-m", "sharpkd.stages.download"],
+        [sys.executable, str(REPO / "stages" / "download.py")],
         cwd=tmp_path,
         capture_output=True,
         text=True,

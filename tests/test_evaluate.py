@@ -24,8 +24,8 @@ from helpers import (
 from sharpkd.data.evalsets import extra_set_images
 from sharpkd.errors import UserError
 from sharpkd.images import save_image
-from sharpkd.stages import evaluate
-from sharpkd.stages.evaluate import METHODS, SetResult, score_set
+from stages import evaluate
+from stages.evaluate import METHODS, SetResult, score_set
 
 torch.set_num_threads(1)
 
@@ -49,7 +49,7 @@ class RecordingTracker(NullTracker):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Real degrade + tiny trained teacher + teacher cache + tiny distilled student, built once."""
-    from sharpkd.stages import distill
+    from stages import distill
 
     root = tmp_path_factory.mktemp("evalpipe")
     params = tiny_params()

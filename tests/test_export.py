@@ -13,8 +13,8 @@ from helpers import NullTracker, make_pairs, tiny_params
 from sharpkd.errors import UserError
 from sharpkd.export import export_onnx
 from sharpkd.models.student import Student, save_student
-from sharpkd.stages import StagePaths
-from sharpkd.stages import export as export_stage
+from sharpkd.pipeline import StagePaths
+from stages import export as export_stage
 
 
 def trained_tiny_student(scale: int = 2) -> Student:

@@ -36,7 +36,7 @@ def temporaries(repo: Path) -> list[Path]:
 def test_every_stage_removes_what_killed_stages_left_beside_any_output(tmp_path, monkeypatch):
     """DVC may restore a killed stage's outputs from its run cache without running it: the next
     stage that runs, whichever it is, removes the killed one's temporaries (a live writer's stay)."""
-    from sharpkd.stages import remove_killed_leftovers
+    from sharpkd.pipeline import remove_killed_leftovers
 
     monkeypatch.chdir(tmp_path)
     Path("dvc.yaml").write_text(

@@ -25,7 +25,7 @@ from helpers import REPO, TINY, deep_update, git_repo_copy, repo_params_dict, ti
 from sharpkd import tracking
 from sharpkd.config import flatten, params_from_dict
 from sharpkd.errors import UserError
-from sharpkd.stages import run_stage
+from sharpkd.pipeline import run_stage
 
 VENV_BIN = Path(sys.executable).parent
 STAGES = ["download", "degrade", "teacher", "cache_teacher", "distill", "evaluate", "export"]
@@ -211,7 +211,7 @@ def test_tracking_disabled_writes_nothing(workdir, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with tracking.stage_run("distill", on()) as t:
         t.log_metrics({"a": 1.0}, step=1)
-    assert type(t) is tracking.StageTracker
+    assert type(t) is tracking.NullTracker
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlartifacts").exists()
 
 
@@ -292,7 +292,7 @@ def test_runs_of_a_killed_stage_are_marked_killed_by_the_next_stage_or_the_ui(wo
 STOPPED_STAGE = """
 import sys, time
 from sharpkd.files import atomic_dir
-from sharpkd.stages import run_stage
+from sharpkd.pipeline import run_stage
 
 def run(params, paths, tracker):
     with atomic_dir("data/out") as tmp:

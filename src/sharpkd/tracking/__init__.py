@@ -1,7 +1,7 @@
 """MLflow wiring: the one place that talks to MLflow, split by job.
 
 store.py (where runs go, the locked client), context.py (git state, execution key, dvc.yaml),
-runs.py (StageTracker, the parent/child runs, stage_run), plots.py (PNG plots), ui.py (sharpkd ui).
+runs.py (NullTracker, the parent/child runs, stage_run), plots.py (PNG plots), ui.py (sharpkd ui).
 
 Where runs go
     `tracking.uri` of params.yaml, else $MLFLOW_TRACKING_URI, else the embedded store
@@ -53,13 +53,13 @@ Concurrency
 """
 
 from sharpkd.tracking.context import execution_key, param_text
-from sharpkd.tracking.runs import MlflowTracker, StageTracker, stage_run
+from sharpkd.tracking.runs import MlflowTracker, NullTracker, stage_run
 from sharpkd.tracking.store import Store, project_root, resolve_store
 from sharpkd.tracking.ui import ui_command
 
 __all__ = [
     "MlflowTracker",
-    "StageTracker",
+    "NullTracker",
     "Store",
     "param_text",
     "execution_key",

@@ -35,7 +35,7 @@ _FLUSH_EVERY_S = 10.0  # step metrics are batched; the UI still sees training pr
 _FLUSH_AT = 500
 
 
-class StageTracker:
+class NullTracker:
     """What a stage may record. Methods are no-ops when tracking is disabled."""
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None: ...
@@ -51,7 +51,7 @@ class StageTracker:
     def log_onnx_model(self, onnx_path: str | Path, input_example: Any) -> None: ...
 
 
-class MlflowTracker(StageTracker):
+class MlflowTracker(NullTracker):
     """The tracker of one stage: its child run, and the parent run of the execution."""
 
     def __init__(
@@ -427,10 +427,10 @@ def _close(tracker: MlflowTracker, stage: str, status: str, error: str | None) -
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params) -> Iterator[StageTracker]:
+def stage_run(stage: str, params: Params) -> Iterator[NullTracker]:
     """Open the stage's child run (and its execution's parent); close it FINISHED, FAILED or KILLED."""
     if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
-        yield StageTracker()
+        yield NullTracker()
         return
     tracker = _open(stage, params)
     status, error = "FINISHED", None

@@ -6,7 +6,7 @@ whose only target is the teacher. With distill.teacher false (the no-teacher bas
 of the teacher cache but cache.json is read.
 
 -> models/student/, metrics/train.json, metrics/train_curve.tsv. Runs unchanged under
-`torchrun --nproc_per_node=N -m sharpkd.stages.distill` (DDP; rank 0 writes).
+`torchrun --nproc_per_node=N stages/distill.py` (DDP; rank 0 writes).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sharpkd.losses import DistillObjective
 from sharpkd.metrics import QualityMetrics, validate
 from sharpkd.models import count_params
 from sharpkd.models.student import Student, conv_macs, save_student
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.train import FitConfig, distributed_setup, fit, speed_fields
 
 

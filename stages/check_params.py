@@ -10,7 +10,7 @@ stage); it records no MLflow run, as it computes nothing.
 from __future__ import annotations
 
 from sharpkd.config import Params, flatten
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:

@@ -39,7 +39,7 @@ from sharpkd.models import count_params
 from sharpkd.models.student import conv_macs, load_student
 from sharpkd.models.teacher import load_teacher
 from sharpkd.progress import progress
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.timing import cpu_name, time_ms
 
 METHODS = ("bicubic", "teacher", "student")

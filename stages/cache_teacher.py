@@ -29,7 +29,7 @@ from sharpkd.images import save_image, to_image, to_tensor
 from sharpkd.inference import default_device, run_tiled, tiled_apply
 from sharpkd.models.teacher import load_teacher
 from sharpkd.progress import progress
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 
 
 class FeatureTap:

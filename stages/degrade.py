@@ -31,7 +31,7 @@ from sharpkd.errors import UserError
 from sharpkd.files import atomic_dir, write_json
 from sharpkd.images import read_rgb, save_image
 from sharpkd.progress import progress
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 
 
 def _manifest(rows: list[dict]) -> pd.DataFrame:

@@ -1,8 +1,9 @@
-"""The DVC stages, one module each, named as in dvc.yaml: `python -m sharpkd.stages.<name>`.
+"""What every DVC stage shares: the on-disk layout between stages and the way a stage is run.
 
-Every stage module has `run(params, paths, tracker) -> dict` and ends with
-`run_stage("<name>", run)`. `run_stage` loads params.yaml (config.py), opens the stage's
-MLflow child run (tracking/) and turns a `UserError` into one clear line and exit status 1.
+Each stage is a thin script, stages/<name>.py at the top of the repository, named as in dvc.yaml;
+it has `run(params, paths, tracker) -> dict` and ends with `run_stage("<name>", run)`.
+`run_stage` loads params.yaml (config.py), opens the stage's MLflow child run (tracking/) and
+turns a `UserError` into one clear line and exit status 1.
 `check_params` runs first in dvc.yaml and depends on params.yaml as a whole, so any edit of it
 (even of a key no stage lists) is validated by `dvc repro`.
 """
@@ -90,7 +91,7 @@ def run_stage(name: str, run: StageFn, params_path: str = "params.yaml", track: 
         remove_killed_leftovers()
         params = load_params(params_path)
         if not track:
-            run(params, StagePaths(), tracking.StageTracker())
+            run(params, StagePaths(), tracking.NullTracker())
         else:
             with tracking.stage_run(name, params) as tracker:
                 run(params, StagePaths(), tracker)

@@ -30,7 +30,7 @@ from sharpkd.models import count_params
 from sharpkd.models.student import Student, conv_macs, load_student
 from sharpkd.quantize import quantize_student
 from sharpkd.runtime import OnnxFunction, ort_session
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 
 # ---------------------------------------------------------------- model card
 

@@ -22,7 +22,7 @@ from sharpkd.metrics import QualityMetrics, validate
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.pan import PAN
 from sharpkd.models.teacher import copy_weights, describe, load_spandrel, load_state_dict_file
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.train import FitConfig, distributed_setup, fit, speed_fields
 
 # Each source returns (model, the weights file to keep or None to save the model's state, teacher.json fields).

@@ -11,7 +11,7 @@ from sharpkd.fetch import file_digest
 from sharpkd.files import atomic_dir
 from sharpkd.images import ImageReadError, save_image
 from sharpkd.progress import progress
-from sharpkd.stages import StagePaths, run_stage
+from sharpkd.pipeline import StagePaths, run_stage
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:
