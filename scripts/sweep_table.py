@@ -137,7 +137,7 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
         "",
         f"ms: ONNX Runtime, {threads} threads, {cpu}, measured side by side in one run by scripts/sweep_table.py.",
         "Training: peak learning rate and warm-up steps (`distill.lr`, `distill.warmup_steps`), the precision of",
-        "its passes (`distill.amp`) and its wall-clock minutes (metrics/train.json).",
+        "its passes (`compute.amp`) and its wall-clock minutes (metrics/train.json).",
     ]
     return "\n".join(lines)
 

@@ -142,7 +142,7 @@ def _pools(params: Params, pairs_dir: Path, scale: int) -> dict[str, tuple[np.nd
     info = read_pairs_info(pairs_dir)
     if int(info["scale"]) != scale:
         raise UserError(f"{pairs_dir} holds x{info['scale']} pairs but the teacher is x{scale}")
-    kinds = ["train"] + (["extra"] if info.get("teacher_only_images") else [])
+    kinds = ["train"] + (["teacher_only"] if info.get("teacher_only_images") else [])
     pools = {}
     for kind in kinds:
         path = pairs_dir / PAIR_FILES[kind]["lr"]
@@ -181,7 +181,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     model, info = load_teacher(paths.teacher, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    amp = device.type == "cuda" and params.distill.amp
+    amp = device.type == "cuda" and params.compute.amp
     scale = info["scale"]
     pools = _pools(params, pairs_dir, scale)
     layers = list(params.teacher.feature_layers) or list(info.get("feature_layers") or [])
@@ -205,7 +205,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     size = sum(sizes.values())
     counts = {kind: len(lr_sizes) for kind, (_, lr_sizes) in pools.items()}
     print(
-        f"[cache_teacher] {counts.get('train', 0)} training images, {counts.get('extra', 0)} teacher-only inputs, "
+        f"[cache_teacher] {counts.get('train', 0)} training images, {counts.get('teacher_only', 0)} teacher-only inputs, "
         f"features {full_channels}->{channels} ch: estimated cache {size / 1e9:.3f} GB"
     )
     if size > params.cache.max_gb * 1e9:
@@ -213,11 +213,10 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         raise UserError(
             f"estimated teacher cache {size / 1e9:.2f} GB ({parts}) exceeds cache.max_gb={params.cache.max_gb}; "
             "raise cache.max_gb, lower teacher.feature_channels, or make the teacher-only inputs smaller "
-            "(data.teacher_only_max_side, data.upcycle, data.unlabeled)"
+            "(data.teacher_only.max_side, .upcycle, .folder)"
         )
     if tap and channels < full_channels:
-        side = read_pairs_info(pairs_dir)["patch_size"] // scale
-        crops = _sample_crops(pools, side, 256, params.seed)
+        crops = _sample_crops(pools, params.cache.pca_crop, params.cache.pca_crops, params.seed)
         bs = params.cache.batch_size
         feats = []
         for crop_side in sorted({c.shape[:2] for c in crops}):  # equal shapes batch together
@@ -285,7 +284,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
             "complete": True,
             "train": bool(pools),
             "train_images": counts.get("train", 0),
-            "teacher_only_images": counts.get("extra", 0),
+            "teacher_only_images": counts.get("teacher_only", 0),
             "scale": scale,
             "feature_layers": layers if tap else [],
             "feature_channels": channels,

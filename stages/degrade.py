@@ -3,9 +3,11 @@
 Labelled training images are kept whole (cropped to a multiple of data.scale): HR, the clean LR
 the teacher sees, and the degraded full-size input the student sees, with one seeded
 degradation per image recorded in the manifest; distill draws random crops from them at every
-step. The teacher-only inputs (data.unlabeled, data.upcycle; data/teacher_only.py) are listed
+step. The teacher-only inputs (data.teacher_only; data/teacher_only.py) are listed
 in their own manifest, with the teacher's input and the student's input for each. The
-data.unlabeled folder is checked first, before any work.
+data.teacher_only.folder is checked first, before any work. Training images with a side under
+data.min_side are skipped; the crop size (data.patch_size) is not read here, so changing it reruns
+none of the stages that store pixels.
 """
 
 from __future__ import annotations
@@ -59,24 +61,24 @@ def _plan_teacher_only(
 ) -> tuple[list[dict], list[str]]:
     """One row per teacher-only input (kind, image, origin, teacher-input height and width) and what was skipped."""
     d, s = params.data, params.data.scale
-    q, max_side = d.patch_size // s, d.teacher_only_max_side
+    q, max_side = d.min_side // s, d.teacher_only.max_side
     plan, skipped = [], []
     if scan is not None:
         for (name, path), (h, w) in zip(scan.images, scan.sizes, strict=True):
-            plan.append({"kind": "unlabeled", "image": name, "origin": str(path), "height": h, "width": w})
-    for kind in d.upcycle:
+            plan.append({"kind": "unlabeled", "name": name, "origin": str(path), "height": h, "width": w})
+    for kind in d.teacher_only.upcycle:
         for name, hw in zip(usable, hr_sizes, strict=True):
             h, w = zoom_in_size(hw, max_side) if kind == "zoom_in" else zoom_out_size(hw, s, max_side)
             if min(h, w) < q:
                 skipped.append(
-                    f"{kind} {name}: {w}x{h} is smaller than a training crop's {q} pixels per side"
+                    f"{kind} {name}: {w}x{h} is smaller than data.min_side / data.scale = {q} pixels per side"
                 )
                 continue
-            plan.append({"kind": kind, "image": name, "origin": f"train/{name}", "height": h, "width": w})
-    if (d.unlabeled or d.upcycle) and not plan:
+            plan.append({"kind": kind, "name": name, "origin": f"train/{name}", "height": h, "width": w})
+    if (d.teacher_only.folder or d.teacher_only.upcycle) and not plan:
         raise UserError(
-            f"no teacher-only input is large enough for a training crop of {q} LR pixels per side "
-            f"(data.patch_size={d.patch_size} / data.scale={s}, data.teacher_only_max_side={max_side}): "
+            f"no teacher-only input has {q} LR pixels per side "
+            f"(data.min_side={d.min_side} / data.scale={s}, data.teacher_only.max_side={max_side}): "
             f"{'; '.join(skipped[:3])}"
         )
     return plan, skipped
@@ -86,9 +88,9 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     """Whole training images (flat memory-mappable arrays), teacher-only inputs and validation images."""
     raw_dir, out_dir = paths.raw, paths.pairs
     d = params.data
-    s, p = d.scale, d.patch_size
-    # The data.unlabeled folder first: missing, empty or unreadable stops here, before any work.
-    scan = scan_unlabeled(d.unlabeled, p // s, d.teacher_only_max_side) if d.unlabeled else None
+    s, p, to = d.scale, d.min_side, d.teacher_only
+    # The teacher-only folder first: missing, empty or unreadable stops here, before any work.
+    scan = scan_unlabeled(to.folder, p // s, to.max_side) if to.folder else None
     manifest_path = raw_dir / "manifest.csv"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} not found; run `dvc repro download`")
@@ -104,7 +106,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     for name, w, h in zip(train.name, train.width, train.height, strict=True):
         if min(w, h) < p:
             print(
-                f"[degrade] skipped {raw_dir / 'train' / name}.png: {w}x{h} is smaller than data.patch_size={p}"
+                f"[degrade] skipped {raw_dir / 'train' / name}.png: {w}x{h} is smaller than data.min_side={p}"
             )
             skipped.append(name)
         else:
@@ -112,7 +114,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
             hr_sizes.append((int(h) - int(h) % s, int(w) - int(w) % s))
     if not usable:
         raise UserError(
-            f"no training image in {raw_dir / 'train'} is at least data.patch_size={p} pixels on each side "
+            f"no training image in {raw_dir / 'train'} is at least data.min_side={p} pixels on each side "
             f"({len(skipped)} skipped); nothing was written to {out_dir}"
         )
     plan, skipped_extra = _plan_teacher_only(params, usable, hr_sizes, scan)
@@ -123,7 +125,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         raise UserError(
             f"the {len(plan)} teacher-only inputs would take {extra_bytes / 1e9:.2f} GB in {out_dir} (and about "
             f"as much again in the teacher cache), over cache.max_gb={params.cache.max_gb}; set "
-            f"data.teacher_only_max_side (a centre crop of each), use fewer of them, or raise cache.max_gb"
+            f"data.teacher_only.max_side (a centre crop of each), use fewer of them, or raise cache.max_gb"
         )
 
     with atomic_dir(out_dir) as tmp:
@@ -146,30 +148,30 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
             hr_arr[hr_off[i] : hr_off[i + 1]] = hr.ravel()
             in_arr[hr_off[i] : hr_off[i + 1]] = degraded.ravel()
             lr_arr[lr_off[i] : lr_off[i + 1]] = lr.ravel()
-            rows.append({"index": i, "image": name, "width": hr.shape[1], "height": hr.shape[0], **record})
+            rows.append({"index": i, "name": name, "width": hr.shape[1], "height": hr.shape[0], **record})
         _manifest(rows).to_csv(tmp / "train_manifest.csv", index=False)
 
         if plan:
-            t_arr, t_off = _flat(tmp / "extra_lr.npy", [(r["height"], r["width"]) for r in plan])
-            x_arr, x_off = _flat(tmp / "extra_input.npy", [(r["height"], r["width"]) for r in plan], s)
+            t_arr, t_off = _flat(tmp / "teacher_only_lr.npy", [(r["height"], r["width"]) for r in plan])
+            x_arr, x_off = _flat(tmp / "teacher_only_input.npy", [(r["height"], r["width"]) for r in plan], s)
             index = {name: i for i, name in enumerate(usable)}
             for j, r in enumerate(progress(plan, desc="degrade: teacher-only inputs", unit="img")):
                 if r["kind"] == "unlabeled":
-                    t_in = unlabeled_input(r["origin"], d.teacher_only_max_side)
+                    t_in = unlabeled_input(r["origin"], to.max_side)
                 else:
-                    i = index[r["image"]]
+                    i = index[r["name"]]
                     if r["kind"] == "zoom_in":
                         hr = hr_arr[hr_off[i] : hr_off[i + 1]].reshape(*hr_sizes[i], 3)
-                        t_in = zoom_in_input(hr, d.teacher_only_max_side)
+                        t_in = zoom_in_input(hr, to.max_side)
                     else:
                         lr = lr_arr[lr_off[i] : lr_off[i + 1]].reshape(*lr_sizes[i], 3)
-                        t_in = zoom_out_input(lr, s, params.degradation.downscale, d.teacher_only_max_side)
+                        t_in = zoom_out_input(lr, s, params.degradation.downscale, to.max_side)
                 if t_in.shape[:2] != (r["height"], r["width"]):
                     raise UserError(f"{r['origin']} changed while degrade ran; run `dvc repro degrade` again")
                 t_arr[t_off[j] : t_off[j + 1]] = t_in.ravel()
                 x_arr[x_off[j] : x_off[j + 1]] = student_input(t_in, s, params.degradation.upscale).ravel()
             pd.DataFrame([{"index": j, **r} for j, r in enumerate(plan)]).to_csv(
-                tmp / "extra_manifest.csv", index=False
+                tmp / "teacher_only_manifest.csv", index=False
             )
             for a in (t_arr, x_arr):
                 a.flush()
@@ -212,7 +214,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
             "teacher_only_bytes": extra_bytes,
             "unlabeled_folder": str(scan.folder) if scan else "",
             "scale": s,
-            "patch_size": p,
+            "min_side": p,
             "seed": params.seed,
             "degradation": flatten(params.degradation),
         }

@@ -1,7 +1,7 @@
 """DVC stage `distill`: train the student against HR, the cached teacher outputs and features.
 
 Batches are random crops of the whole training images (data/datasets.py); with
-distill.unlabeled_fraction > 0 that share of each batch comes from the teacher-only inputs,
+distill.teacher_only_fraction > 0 that share of each batch comes from the teacher-only inputs,
 whose only target is the teacher. With distill.teacher false (the no-teacher baseline) nothing
 of the teacher cache but cache.json is read.
 
@@ -33,8 +33,8 @@ from sharpkd.train import FitConfig, distributed_setup, fit, speed_fields
 def run(params: Params, paths: StagePaths, tracker) -> dict:
     pairs_dir, teacher_dir, out_dir = paths.pairs, paths.teacher_cache, paths.student
     rank, world = distributed_setup()
-    if params.distill.threads:
-        torch.set_num_threads(params.distill.threads)
+    if params.compute.threads:
+        torch.set_num_threads(params.compute.threads)
     cache_info = _cache_info(teacher_dir)
     if params.distill.teacher and not cache_info.get("train"):
         raise UserError(
@@ -60,7 +60,8 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         pairs_dir,
         teacher_dir if d.teacher else None,
         keys=objective.needed_keys(),
-        unlabeled_fraction=d.unlabeled_fraction,
+        patch_size=params.data.patch_size,
+        teacher_only_fraction=d.teacher_only_fraction,
     )
     valid = load_valid(pairs_dir) if rank == 0 else []
     metrics = QualityMetrics(params.data.scale, lpips=False)
@@ -72,7 +73,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         grad_clip=d.grad_clip,
         eval_every=d.eval_every,
         checkpoint_every=d.checkpoint_every,
-        amp=d.amp,
+        amp=params.compute.amp,
         seed=params.seed,
         # The cache's content, not its timings: a rebuilt but identical cache still resumes.
         fingerprint={
@@ -121,7 +122,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         "params": count_params(best),
         "gmacs_1080p": round(conv_macs(best) / 1e9, 3),
         "world_size": world,
-        "teacher_only_per_batch": teacher_only_count(d.batch_size, d.unlabeled_fraction),
+        "teacher_only_per_batch": teacher_only_count(d.batch_size, d.teacher_only_fraction),
     }
     loss_terms = [k for k, v in objective.w.items() if v > 0]
     with atomic_dir(out_dir) as tmp:
@@ -150,7 +151,8 @@ def _training_params(params: Params) -> dict:
     """What a checkpoint must have been trained with to be resumed (the cache's identity is checked apart)."""
     groups = {"loss.": params.loss, "student.": params.student, "distill.": params.distill}
     flat = {k: v for prefix, group in groups.items() for k, v in flatten(group, prefix).items()}
-    return {"seed": params.seed, "data.scale": params.data.scale, **flat}
+    shared = {"data.patch_size": params.data.patch_size, "compute.threads": params.compute.threads}
+    return {"seed": params.seed, "data.scale": params.data.scale, **shared, **flat}
 
 
 def _cache_identity(cache_info: dict) -> dict:

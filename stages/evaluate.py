@@ -284,8 +284,8 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         raise UserError(
             f"{teacher_cache_dir / 'cache.json'} not found: the teacher cache is missing or incomplete; run `dvc repro cache_teacher`"
         )
-    if params.distill.threads:
-        torch.set_num_threads(params.distill.threads)
+    if params.compute.threads:
+        torch.set_num_threads(params.compute.threads)
     device = default_device()
     student = load_student(student_path, device)
     teacher, info = load_teacher(teacher_dir, device)

@@ -271,7 +271,9 @@ def export_int8(params: Params, paths: StagePaths, fp32_path: Path, int8_path: P
     """student_int8.onnx calibrated on training-input crops, and what it costs against the float32 model
     in PSNR / SSIM on the validation split and every eval.sets entry (same images, same tiling)."""
     scale, tile, overlap = params.data.scale, params.infer.tile, params.infer.overlap
-    draw = TrainPatches(paths.pairs, keys=("input",)).batch_fn(params.export.int8_calibration, params.seed)
+    draw = TrainPatches(paths.pairs, keys=("input",), patch_size=params.data.patch_size).batch_fn(
+        params.export.int8_calibration, params.seed
+    )
     info = quantize_student(fp32_path, int8_path, [c[None].numpy() for c in draw(0)["input"]])
     out: dict = {
         "int8.calibration_images": info["calibration_images"],

@@ -63,16 +63,16 @@ def _train(params: Params, paths: StagePaths, tracker) -> Obtained:
     torch.manual_seed(params.seed)
     model = EDSR(scale=params.data.scale, channels=tp.channels, blocks=tp.blocks)
     rank, world = distributed_setup()
-    patches = TrainPatches(paths.pairs, keys=("hr", "lr"))
+    patches = TrainPatches(paths.pairs, keys=("hr", "lr"), patch_size=params.data.patch_size)
     valid = load_valid(paths.pairs)
     metrics = QualityMetrics(params.data.scale, lpips=False)
     cfg = FitConfig(
         steps=tp.steps,
         lr=tp.lr,
-        warmup_steps=min(30, tp.steps // 10),
-        grad_clip=1.0,
-        eval_every=max(1, tp.steps // 4),
-        amp=params.distill.amp,
+        warmup_steps=tp.warmup_steps,
+        grad_clip=tp.grad_clip,
+        eval_every=tp.eval_every,
+        amp=params.compute.amp,
         seed=params.seed,
     )
     result = fit(

@@ -21,14 +21,24 @@ SHARED = REPO.parent / "shared"
 TINY = {
     "data": {
         "scale": 2,
+        "min_side": 32,
         "patch_size": 32,
         "valid_max_side": 96,
         "samples": {"valid_count": 2},
     },
     "teacher": {
         "feature_channels": 4,
-        "train": {"channels": 8, "blocks": 1, "steps": 40, "batch_size": 8, "lr": 0.002},
+        "train": {
+            "channels": 8,
+            "blocks": 1,
+            "steps": 40,
+            "batch_size": 8,
+            "lr": 0.002,
+            "warmup_steps": 4,
+            "eval_every": 10,
+        },
     },
+    "cache": {"pca_crop": 16},
     "student": {"channels": 8, "blocks": 1},
     "distill": {"steps": 12, "batch_size": 4, "eval_every": 6, "checkpoint_every": 4, "warmup_steps": 2},
     "infer": {"tile": 64, "overlap": 8},
@@ -85,3 +95,91 @@ def loss_params(**overrides):
     return dataclasses.replace(params_from_dict(repo_params_dict()).loss, **overrides)
 
 
+def stage_paths(root: Path, **overrides) -> StagePaths:
+    """The pipeline's layout under `root`, with some folders put elsewhere."""
+    return dataclasses.replace(StagePaths.under(root), **overrides)
+
+
+def run_download(params: Params, raw: Path, tracker=None) -> dict:
+    from stages import download
+
+    return download.run(params, stage_paths(raw.parent, raw=raw), tracker or NullTracker())
+
+
+def run_degrade(params: Params, raw: Path, pairs: Path, tracker=None) -> dict:
+    from stages import degrade
+
+    return degrade.run(params, stage_paths(pairs.parent, raw=raw, pairs=pairs), tracker or NullTracker())
+
+
+def run_teacher(params: Params, pairs: Path, teacher: Path) -> dict:
+    from stages import teacher as stage
+
+    return stage.run(params, stage_paths(teacher.parent, pairs=pairs, teacher=teacher), NullTracker())
+
+
+def run_cache_teacher(params: Params, pairs: Path, teacher: Path, cache: Path) -> dict:
+    from stages import cache_teacher
+
+    paths = stage_paths(cache.parent, pairs=pairs, teacher=teacher, teacher_cache=cache)
+    return cache_teacher.run(params, paths, NullTracker())
+
+
+def make_pairs(root: Path, params: Params) -> Path:
+    """Real download (samples) + degrade into root/data; returns root/data/pairs."""
+    from stages import degrade, download
+
+    download.run(params, stage_paths(root), NullTracker())
+    degrade.run(params, stage_paths(root), NullTracker())
+    return root / "data" / "pairs"
+
+
+def make_teacher_cache(root: Path, params: Params) -> Path:
+    """make_pairs, then the real teacher stage and teacher cache into root/models/teacher and root/data/teacher."""
+    from stages import cache_teacher, teacher
+
+    make_pairs(root, params)
+    teacher.run(params, stage_paths(root), NullTracker())
+    cache_teacher.run(params, stage_paths(root), NullTracker())
+    return root
+
+
+@contextlib.contextmanager
+def lpips_from_empty_server(folder: Path, monkeypatch):
+    """pyiqa's LPIPS weight URLs pointed at a local server holding none of them: downloads fail, offline."""
+    from sharpkd import metrics as M
+
+    folder.mkdir(exist_ok=True)
+    with serve_folder(folder) as base:
+        files = {
+            k: M.WeightFile(f.filename, base + f.filename, f.cache_subdir, f.hash_prefix)
+            for k, f in M._lpips_files().items()
+        }
+        monkeypatch.setattr(M, "_lpips_files", lambda: files)
+        yield
+
+
+class serve_folder:
+    """Serve `folder` over HTTP on 127.0.0.1 (a free port) in a thread: `with serve_folder(p) as base_url:`."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def __enter__(self) -> str:
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Quiet, directory=str(self.folder))
+        )
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

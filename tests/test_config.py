@@ -98,8 +98,8 @@ def test_flatten_gives_dvc_dotted_keys():
         ({"data": {"folder": {"train": 12}}}, "'data.folder.train'", "a string"),
         # bool is not an int, an int is not a bool
         ({"seed": True}, "'seed'", "an integer"),
-        ({"data": {"teacher_only_max_side": False}}, "'data.teacher_only_max_side'", "an integer"),
-        ({"distill": {"amp": 1}}, "'distill.amp'", "true or false"),
+        ({"data": {"teacher_only": {"max_side": False}}}, "'data.teacher_only.max_side'", "an integer"),
+        ({"compute": {"amp": 1}}, "'compute.amp'", "true or false"),
         ({"distill": {"lr": True}}, "'distill.lr'", "a number"),
         # Literal values: the allowed ones are listed, and type matters (4.0 and true are not 4)
         ({"data": {"source": "imagenet"}}, "'data.source'", "one of 'samples', 'folder', 'div2k'"),
@@ -118,6 +118,19 @@ def test_flatten_gives_dvc_dotted_keys():
         ({"distill": {"lr": float("nan")}}, "'distill.lr'", "finite"),
         # relations between keys
         ({"data": {"scale": 3, "patch_size": 64}}, "'data.patch_size'", "multiple of data.scale"),
+        (
+            {"data": {"patch_size": 128}},
+            "'data.patch_size' (128) is larger than data.min_side",
+            "raise data.min_side",
+        ),
+        # renamed keys: an old -S command gets the new name
+        ({"data": {"unlabeled": "/x"}}, "'data.unlabeled' was renamed", "'data.teacher_only.folder'"),
+        (
+            {"distill": {"unlabeled_fraction": 0.5}},
+            "'distill.unlabeled_fraction' was renamed",
+            "teacher_only_fraction",
+        ),
+        ({"distill": {"amp": False}}, "'distill.amp' was renamed", "'compute.amp'"),
         ({"degradation": {"jpeg_quality": [95, 70]}}, "'degradation.jpeg_quality'", "low <= high"),
         ({"degradation": {"jpeg_quality": [0, 50]}}, "'degradation.jpeg_quality'", "between 1 and 100"),
         ({"degradation": {"noise_sigma": [-1.0, 5.0]}}, "'degradation.noise_sigma'", "0 <= low"),
@@ -125,11 +138,27 @@ def test_flatten_gives_dvc_dotted_keys():
         ({"data": {"source": "folder"}}, "'data.folder.train'", "folder of images"),
         ({"teacher": {"source": "checkpoint"}}, "'teacher.checkpoint'", "file path"),
         # teacher-only data and the no-teacher baseline: a knob that would be ignored is an error
-        ({"distill": {"unlabeled_fraction": 0.25}}, "'distill.unlabeled_fraction'", "no teacher-only data"),
-        ({"data": {"upcycle": ["zoom_in"]}}, "'distill.unlabeled_fraction' is 0", "never trained on"),
-        ({"data": {"unlabeled": "/x"}}, "data.unlabeled given", "never trained on"),
-        ({"data": {"upcycle": ["zoom_in", "zoom_in"]}}, "'data.upcycle'", "twice"),
-        ({"data": {"upcycle": ["zoom"]}}, "'data.upcycle[0]'", "'zoom_in', 'zoom_out'"),
+        (
+            {"distill": {"teacher_only_fraction": 0.25}},
+            "'distill.teacher_only_fraction'",
+            "no teacher-only data",
+        ),
+        (
+            {"data": {"teacher_only": {"upcycle": ["zoom_in"]}}},
+            "'distill.teacher_only_fraction' is 0",
+            "never trained",
+        ),
+        ({"data": {"teacher_only": {"folder": "/x"}}}, "data.teacher_only.folder given", "never trained on"),
+        (
+            {"data": {"teacher_only": {"upcycle": ["zoom_in", "zoom_in"]}}},
+            "'data.teacher_only.upcycle'",
+            "twice",
+        ),
+        (
+            {"data": {"teacher_only": {"upcycle": ["zoom"]}}},
+            "'data.teacher_only.upcycle[0]'",
+            "'zoom_in', 'zoom_out'",
+        ),
         ({"distill": {"teacher": False}}, "'distill.teacher' is false", "loss.kd=1.0"),
         (
             {"distill": {"teacher": False}, "loss": {"kd": 0.0, "perceptual": 0.1}},
@@ -138,12 +167,12 @@ def test_flatten_gives_dvc_dotted_keys():
         ),
         (
             {
-                "distill": {"teacher": False, "unlabeled_fraction": 0.5},
+                "distill": {"teacher": False, "teacher_only_fraction": 0.5},
                 "loss": {"kd": 0.0},
-                "data": {"upcycle": ["zoom_out"]},
+                "data": {"teacher_only": {"upcycle": ["zoom_out"]}},
             },
             "'distill.teacher' is false",
-            "distill.unlabeled_fraction=0.5",
+            "distill.teacher_only_fraction=0.5",
         ),
     ],
 )
@@ -158,15 +187,20 @@ def test_bad_params_name_the_key(override, key, says):
 
 def test_teacher_only_and_baseline_params_that_fit():
     p = params_from_dict(
-        _with(data={"upcycle": ["zoom_in", "zoom_out"]}, distill={"unlabeled_fraction": 0.25})
+        _with(
+            data={"teacher_only": {"upcycle": ["zoom_in", "zoom_out"]}},
+            distill={"teacher_only_fraction": 0.25},
+        )
     )
-    assert p.data.upcycle == ("zoom_in", "zoom_out") and p.distill.unlabeled_fraction == 0.25
+    assert p.data.teacher_only.upcycle == ("zoom_in", "zoom_out") and p.distill.teacher_only_fraction == 0.25
     # The no-teacher baseline: no term that needs the teacher.
     p = params_from_dict(_with(distill={"teacher": False}, loss={"kd": 0.0, "feature": 0.0}))
     assert p.distill.teacher is False
     # A folder is not looked at when params load (sharpkd sharpen / ui load params too): degrade checks it.
-    p = params_from_dict(_with(data={"unlabeled": "/no/such/folder"}, distill={"unlabeled_fraction": 0.5}))
-    assert p.data.unlabeled == "/no/such/folder"
+    p = params_from_dict(
+        _with(data={"teacher_only": {"folder": "/no/such/folder"}}, distill={"teacher_only_fraction": 0.5})
+    )
+    assert p.data.teacher_only.folder == "/no/such/folder"
 
 
 def test_top_level_not_a_mapping(tmp_path):

@@ -61,14 +61,13 @@ def _pipeline(root: Path, scale: int, patch: int, monkeypatch) -> tuple[Path, ob
             "source": "folder",
             "folder": {"train": str(src / "train"), "valid": str(src / "valid")},
             "scale": scale,
+            "min_side": patch,
             "patch_size": patch,
-            "unlabeled": str(unlabeled),
-            "upcycle": ["zoom_in", "zoom_out"],
-            "teacher_only_max_side": 0,
+            "teacher_only": {"folder": str(unlabeled), "upcycle": ["zoom_in", "zoom_out"], "max_side": 0},
         },
         degradation=ALL_OFF,
         teacher={"feature_channels": 0},
-        distill={"unlabeled_fraction": 0.5},
+        distill={"teacher_only_fraction": 0.5},
         infer={"tile": 32, "overlap": 8},  # several tiles per image: the tiled cache must stay aligned
     )
     paths = stage_paths(root)
@@ -97,10 +96,10 @@ def _sources(root: Path, params, pairs_dir: Path) -> dict:
         lr = resize(hr, (hr.shape[1] // s, hr.shape[0] // s))
         train[name] = {"hr": hr, "lr": lr, "input": resize(lr, hr.shape[1::-1], up)}
     pools = [[], []]
-    names = pd.read_csv(pairs_dir / "train_manifest.csv", dtype={"image": str}).image.tolist()
+    names = pd.read_csv(pairs_dir / "train_manifest.csv", dtype={"name": str}).name.tolist()
     pools[0] = [train[n] for n in names]
-    extra = pd.read_csv(pairs_dir / "extra_manifest.csv", dtype={"image": str})
-    for kind, name in zip(extra.kind, extra.image, strict=True):
+    extra = pd.read_csv(pairs_dir / "teacher_only_manifest.csv", dtype={"name": str})
+    for kind, name in zip(extra.kind, extra.name, strict=True):
         if kind == "unlabeled":
             t_in = read_rgb(root / "unlabeled" / name)[0]
         elif kind == "zoom_in":
@@ -108,7 +107,7 @@ def _sources(root: Path, params, pairs_dir: Path) -> dict:
         else:
             lr = crop_to_multiple(train[name]["lr"], s)
             t_in = resize(lr, (lr.shape[1] // s, lr.shape[0] // s))
-        t_in = center_crop(t_in, params.data.teacher_only_max_side)
+        t_in = center_crop(t_in, params.data.teacher_only.max_side)
         pools[1].append({"lr": t_in, "input": resize(t_in, (t_in.shape[1] * s, t_in.shape[0] * s), up)})
     for pool in pools:
         for img in pool:  # the coordinate teacher: nearest-upsampled LR, features = LR
@@ -137,7 +136,7 @@ def test_crops_aligned_between_hr_input_teacher_and_features(scale, patch, tmp_p
     pairs, cache = root / "data" / "pairs", root / "data" / "teacher"
     src = _sources(root, params, pairs)
     assert set(src["kinds"]) == {"unlabeled", "zoom_in", "zoom_out"}
-    data = TrainPatches(pairs, cache, keys=KEYS, unlabeled_fraction=0.5)
+    data = TrainPatches(pairs, cache, keys=KEYS, patch_size=patch, teacher_only_fraction=0.5)
     fn = data.batch_fn(8, seed=1)
     s, q = scale, patch // scale
     seen_pools, seen_flips, shifted_differs = set(), set(), {k: 0 for k in KEYS}
@@ -194,18 +193,18 @@ def _fake_pairs(
     write(pairs, "train_lr.npy", lr)
     write(cache, "train_out.npy", hr)
     np.save(cache / "train_feat.npy", np.concatenate([a.astype(np.float16).ravel() for a in lr]))
-    info = {"scale": scale, "patch_size": patch, "teacher_only_images": len(extra)}
+    info = {"scale": scale, "teacher_only_images": len(extra)}
     if extra:
         rows = [f"{j},unlabeled,x{j},x{j},{h},{w}" for j, (h, w) in enumerate(extra)]
-        (pairs / "extra_manifest.csv").write_text(
-            "index,kind,image,origin,height,width\n" + "\n".join(rows) + "\n"
+        (pairs / "teacher_only_manifest.csv").write_text(
+            "index,kind,name,origin,height,width\n" + "\n".join(rows) + "\n"
         )
         t_in = [coded(100 + j, h, w) for j, (h, w) in enumerate(extra)]
         out = [coded(100 + j, h * scale, w * scale) for j, (h, w) in enumerate(extra)]
-        write(pairs, "extra_lr.npy", t_in)
-        write(pairs, "extra_input.npy", out)
-        write(cache, "extra_out.npy", out)
-        np.save(cache / "extra_feat.npy", np.concatenate([a.astype(np.float16).ravel() for a in t_in]))
+        write(pairs, "teacher_only_lr.npy", t_in)
+        write(pairs, "teacher_only_input.npy", out)
+        write(cache, "teacher_only_out.npy", out)
+        np.save(cache / "teacher_only_feat.npy", np.concatenate([a.astype(np.float16).ravel() for a in t_in]))
     (pairs / "pairs.json").write_text(json.dumps(info))
     return pairs, cache
 
@@ -213,13 +212,15 @@ def _fake_pairs(
 def test_batches_are_a_pure_function_of_seed_step_rank(tmp_path):
     pairs, cache = _fake_pairs(tmp_path, [(20, 24), (16, 30), (18, 18)], extra=[(9, 7), (12, 10)])
     keys = ("hr", "lr", "input", "teacher", "feat")
-    a = TrainPatches(pairs, cache, keys=keys, unlabeled_fraction=0.25).batch_fn(8, seed=3)
-    b = TrainPatches(pairs, cache, keys=keys, unlabeled_fraction=0.25).batch_fn(8, seed=3)
+    a = TrainPatches(pairs, cache, keys=keys, patch_size=8, teacher_only_fraction=0.25).batch_fn(8, seed=3)
+    b = TrainPatches(pairs, cache, keys=keys, patch_size=8, teacher_only_fraction=0.25).batch_fn(8, seed=3)
     for step in (5, 0, 5, 17):  # any order, any process: the same batch for the same step
         x, y = a(step), b(step)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert not torch.equal(a(1)["crop"], a(2)["crop"])
-    other = TrainPatches(pairs, cache, keys=keys, unlabeled_fraction=0.25).batch_fn(8, seed=4)
+    other = TrainPatches(pairs, cache, keys=keys, patch_size=8, teacher_only_fraction=0.25).batch_fn(
+        8, seed=4
+    )
     assert not torch.equal(a(1)["crop"], other(1)["crop"])
     # 2 of 8 crops are teacher-only (round(8 * 0.25)), the rest labelled; their HR is zeros.
     batch = a(3)
@@ -233,9 +234,9 @@ def test_ddp_ranks_draw_disjoint_images(tmp_path):
     pairs, cache = _fake_pairs(tmp_path, [(16, 16)] * 5, extra=[(8, 8)] * 3)
     seen = {0: set(), 1: set()}
     for rank in (0, 1):
-        fn = TrainPatches(pairs, cache, keys=("hr", "teacher"), unlabeled_fraction=0.5).batch_fn(
-            4, seed=0, rank=rank, world=2
-        )
+        fn = TrainPatches(
+            pairs, cache, keys=("hr", "teacher"), patch_size=8, teacher_only_fraction=0.5
+        ).batch_fn(4, seed=0, rank=rank, world=2)
         for step in range(20):
             crop = fn(step)["crop"]
             seen[rank] |= {(int(p), int(i)) for p, i in crop[:, :2]}
@@ -245,15 +246,15 @@ def test_ddp_ranks_draw_disjoint_images(tmp_path):
             ).all()
     assert seen[0].isdisjoint(seen[1])
     assert {i % 2 for _, i in seen[0]} == {0} and {i % 2 for _, i in seen[1]} == {1}
-    with pytest.raises(UserError, match="3 extra images cannot be shared among 4 processes"):
-        TrainPatches(pairs, cache, keys=("teacher",), unlabeled_fraction=0.5).batch_fn(
+    with pytest.raises(UserError, match="3 teacher_only images cannot be shared among 4 processes"):
+        TrainPatches(pairs, cache, keys=("teacher",), patch_size=8, teacher_only_fraction=0.5).batch_fn(
             4, seed=0, rank=3, world=4
         )
 
 
 def test_labelled_only_batches_have_no_mask(tmp_path):
     pairs, _ = _fake_pairs(tmp_path, [(20, 24), (16, 30)])
-    batch = TrainPatches(pairs, keys=("hr", "lr")).batch_fn(4, seed=0)(0)
+    batch = TrainPatches(pairs, keys=("hr", "lr"), patch_size=8).batch_fn(4, seed=0)(0)
     assert set(batch) == {"hr", "lr", "crop"} and batch["hr"].shape == (4, 3, 8, 8)
     assert batch["hr"].is_contiguous() and batch["hr"].dtype == torch.float32
 
@@ -269,4 +270,4 @@ def test_misaligned_arrays_are_refused(tmp_path):
     pairs, cache = _fake_pairs(tmp_path, [(20, 24), (16, 30)])
     np.save(pairs / "train_lr.npy", np.zeros(10, np.uint8))
     with pytest.raises(UserError, match="lr holds 10 values"):
-        TrainPatches(pairs, keys=("hr", "lr"))
+        TrainPatches(pairs, keys=("hr", "lr"), patch_size=8)

@@ -214,7 +214,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _flat_images(out: Path, key: str, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-    """The whole images stored one after another in a flat train_<key>.npy / extra_<key>.npy."""
+    """The whole images stored one after another in a flat train_<key>.npy / teacher_only_<key>.npy."""
     flat = np.load(out / f"{key}.npy", mmap_mode="r")
     assert isinstance(flat, np.memmap) and flat.ndim == 1 and flat.dtype == np.uint8
     assert len(flat) == sum(h * w * 3 for h, w in sizes)
@@ -239,13 +239,13 @@ def test_pairs_layout_and_shapes(pairs, raw):
     s, p = 2, 32
     assert summary["train_images"] == 2 and summary["skipped_small"] == ["t2"]  # t2 (20x50) is too small
     assert json.loads((out / "pairs.json").read_text()) == summary
-    assert summary["scale"] == s and summary["patch_size"] == p and summary["seed"] == 3
-    assert summary["teacher_only_images"] == 0 and not (out / "extra_manifest.csv").exists()
+    assert summary["scale"] == s and summary["min_side"] == p and summary["seed"] == 3
+    assert summary["teacher_only_images"] == 0 and not (out / "teacher_only_manifest.csv").exists()
 
-    man = pd.read_csv(out / "train_manifest.csv", dtype={"image": str})
+    man = pd.read_csv(out / "train_manifest.csv", dtype={"name": str})
     assert list(man.columns) == [
         "index",
-        "image",
+        "name",
         "width",
         "height",
         "jpeg_quality",
@@ -253,7 +253,7 @@ def test_pairs_layout_and_shapes(pairs, raw):
         "noise_sigma",
         "noise_seed",
     ]
-    assert man["index"].tolist() == [0, 1] and man.image.tolist() == ["t0", "t1"]
+    assert man["index"].tolist() == [0, 1] and man.name.tolist() == ["t0", "t1"]
     # Whole images, cropped to a multiple of the scale: t0 48x64 stays, t1 40x37 becomes 40x36.
     assert list(zip(man.height, man.width, strict=True)) == [(48, 64), (40, 36)]
     sizes = list(zip(man.height, man.width, strict=True))
@@ -265,7 +265,7 @@ def test_pairs_layout_and_shapes(pairs, raw):
     for row in man.itertuples():
         i = row.index
         np.testing.assert_array_equal(
-            hr[i], read_rgb(raw / "train" / f"{row.image}.png")[0][: row.height, : row.width]
+            hr[i], read_rgb(raw / "train" / f"{row.name}.png")[0][: row.height, : row.width]
         )
         np.testing.assert_array_equal(lr[i], resize(hr[i], (row.width // s, row.height // s)))
         # The record is the exact degradation: replaying it gives the same bytes.
@@ -337,8 +337,10 @@ def test_same_seed_same_bytes(pairs, raw, tmp_path):
 def test_scale_4_and_3(raw, tmp_path):
     for scale, patch in ((4, 32), (3, 33)):
         out = tmp_path / f"x{scale}"
-        summary = run_degrade(tiny_params(data={"scale": scale, "patch_size": patch}), raw, out)
-        assert summary["scale"] == scale and summary["patch_size"] == patch
+        summary = run_degrade(
+            tiny_params(data={"scale": scale, "min_side": patch, "patch_size": patch}), raw, out
+        )
+        assert summary["scale"] == scale and summary["min_side"] == patch
         for name in ("train_manifest.csv", "valid_manifest.csv"):
             man = pd.read_csv(out / name)
             assert (man.width % scale == 0).all() and (man.height % scale == 0).all()
@@ -352,7 +354,7 @@ def test_scale_4_and_3(raw, tmp_path):
 def test_small_images_skipped_and_counted(capsys, raw, tmp_path):
     run_degrade(_params(), raw, tmp_path / "p")
     printed = capsys.readouterr().out
-    assert f"skipped {raw / 'train' / 't2.png'}: 50x20 is smaller than data.patch_size=32" in printed
+    assert f"skipped {raw / 'train' / 't2.png'}: 50x20 is smaller than data.min_side=32" in printed
     assert "(1 skipped)" in printed
 
 
@@ -361,8 +363,8 @@ def test_all_images_too_small_writes_nothing(raw, tmp_path):
     out.mkdir()
     (out / "pairs.json").write_text("{}")  # an earlier, complete output
     with pytest.raises(UserError) as err:
-        run_degrade(tiny_params(data={"patch_size": 128}), raw, out)
-    assert "data.patch_size=128" in str(err.value) and str(raw / "train") in str(err.value)
+        run_degrade(tiny_params(data={"min_side": 128}), raw, out)
+    assert "data.min_side=128" in str(err.value) and str(raw / "train") in str(err.value)
     assert _files(out) == {"pairs.json": b"{}"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pairs.")]
 
@@ -378,7 +380,7 @@ def test_numeric_names_survive(tmp_path):
     raw = _raw(tmp_path, [(40, 40), (40, 40)], [(20, 20)], names=["0001", "0002"])
     summary = run_degrade(tiny_params(), raw, tmp_path / "pairs")
     assert summary["train_images"] == 2
-    assert pd.read_csv(tmp_path / "pairs" / "train_manifest.csv", dtype={"image": str}).image.tolist() == [
+    assert pd.read_csv(tmp_path / "pairs" / "train_manifest.csv", dtype={"name": str}).name.tolist() == [
         "0001",
         "0002",
     ]
@@ -391,8 +393,8 @@ def _teacher_only_params(folder: Path | str = "", upcycle=("zoom_in", "zoom_out"
     return tiny_params(
         seed=3,
         degradation=ALL_OFF,
-        data={"unlabeled": str(folder), "upcycle": list(upcycle), "teacher_only_max_side": max_side},
-        distill={"unlabeled_fraction": 0.25},
+        data={"teacher_only": {"folder": str(folder), "upcycle": list(upcycle), "max_side": max_side}},
+        distill={"teacher_only_fraction": 0.25},
         **extra,
     )
 
@@ -414,10 +416,10 @@ def test_teacher_only_inputs(raw, tmp_path):
     folder = _unlabeled_folder(tmp_path)
     out = tmp_path / "pairs"
     summary = run_degrade(_teacher_only_params(folder), raw, out)
-    man = pd.read_csv(out / "extra_manifest.csv", dtype={"image": str})
-    assert list(man.columns) == ["index", "kind", "image", "origin", "height", "width"]
+    man = pd.read_csv(out / "teacher_only_manifest.csv", dtype={"name": str})
+    assert list(man.columns) == ["index", "kind", "name", "origin", "height", "width"]
     # zoom_out of t0 (LR 24x32 -> 12x16) and t1 (LR 20x18 -> 10x9) is under the 16-pixel LR crop: skipped.
-    assert list(zip(man.kind, man.image, strict=True)) == [
+    assert list(zip(man.kind, man.name, strict=True)) == [
         ("unlabeled", "a.png"),
         ("unlabeled", "sub/b.jpg"),
         ("zoom_in", "t0"),
@@ -429,8 +431,8 @@ def test_teacher_only_inputs(raw, tmp_path):
     assert "notes.txt" not in skipped
 
     sizes = list(zip(man.height, man.width, strict=True))
-    t_in = _flat_images(out, "extra_lr", sizes)
-    s_in = _flat_images(out, "extra_input", [(2 * h, 2 * w) for h, w in sizes])
+    t_in = _flat_images(out, "teacher_only_lr", sizes)
+    s_in = _flat_images(out, "teacher_only_input", [(2 * h, 2 * w) for h, w in sizes])
     hr = {n: read_rgb(raw / "train" / f"{n}.png")[0] for n in ("t0", "t1")}
     expected = [
         read_rgb(folder / "a.png")[0],
@@ -451,14 +453,14 @@ def test_zoom_out_input(raw, tmp_path):
     params = tiny_params(
         seed=3,
         degradation=ALL_OFF,
-        data={"upcycle": ["zoom_out"], "patch_size": 16},
-        distill={"unlabeled_fraction": 0.5},
+        data={"teacher_only": {"upcycle": ["zoom_out"]}, "min_side": 16, "patch_size": 16},
+        distill={"teacher_only_fraction": 0.5},
     )
     run_degrade(params, raw, out)
-    man = pd.read_csv(out / "extra_manifest.csv", dtype={"image": str})
+    man = pd.read_csv(out / "teacher_only_manifest.csv", dtype={"name": str})
     # t0: HR 48x64 -> LR 24x32 -> 12x16; t1: HR 40x36 -> LR 20x18 -> 10x9 (at least 8 = 16 / 2 per side)
-    assert list(zip(man.image, man.height, man.width, strict=True)) == [("t0", 12, 16), ("t1", 10, 9)]
-    t_in = _flat_images(out, "extra_lr", [(12, 16), (10, 9)])
+    assert list(zip(man.name, man.height, man.width, strict=True)) == [("t0", 12, 16), ("t1", 10, 9)]
+    t_in = _flat_images(out, "teacher_only_lr", [(12, 16), (10, 9)])
     lr0 = resize(read_rgb(raw / "train" / "t0.png")[0][:48, :64], (32, 24))
     np.testing.assert_array_equal(t_in[0], resize(lr0, (16, 12)))
 
@@ -479,7 +481,7 @@ def test_bad_unlabeled_folder_fails_before_any_work(case, raw, tmp_path, monkeyp
             Image.fromarray(_photo(8, 8, 1)).save(folder / "tiny.png")
 
     def no_work(*a, **k):
-        raise AssertionError("degrade started working before checking data.unlabeled")
+        raise AssertionError("degrade started working before checking data.teacher_only.folder")
 
     monkeypatch.setattr(stage, "degrade_image", no_work)
     monkeypatch.setattr(stage, "read_rgb", no_work)
@@ -487,7 +489,7 @@ def test_bad_unlabeled_folder_fails_before_any_work(case, raw, tmp_path, monkeyp
     with pytest.raises(UserError) as err:
         run_degrade(_teacher_only_params(folder, upcycle=()), raw, out)
     message = str(err.value)
-    assert "data.unlabeled" in message and str(folder) in message, message
+    assert "data.teacher_only.folder" in message and str(folder) in message, message
     says = {
         "missing": "not found",
         "file": "not a folder",
@@ -504,5 +506,5 @@ def test_teacher_only_size_is_bounded(raw, tmp_path):
     with pytest.raises(UserError) as err:
         run_degrade(_teacher_only_params(upcycle=["zoom_in"], max_side=0, cache={"max_gb": 1e-6}), raw, out)
     message = str(err.value)
-    assert "cache.max_gb=1e-06" in message and "data.teacher_only_max_side" in message and "GB" in message
+    assert "cache.max_gb=1e-06" in message and "data.teacher_only.max_side" in message and "GB" in message
     assert not out.exists()

@@ -630,7 +630,7 @@ def test_stage_scripts_in_a_repo_copy(tmp_path):
         proc = run(stage)
         assert proc.returncode == 0, proc.stderr[-3000:]
     _check_raw(repo / "data" / "raw")
-    assert '"patch_size": 32' in (repo / "data" / "pairs" / "pairs.json").read_text()
+    assert '"min_side": 32' in (repo / "data" / "pairs" / "pairs.json").read_text()
     assert np.load(repo / "data" / "pairs" / "train_hr.npy", mmap_mode="r").ndim == 1  # whole images, flat
 
     bad = deep_update(repo_params_dict(), TINY)

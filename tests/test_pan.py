@@ -73,7 +73,9 @@ def test_build_teacher_pan_then_cache(pairs, tmp_path):
     assert model(torch.rand(1, 3, 10, 12)).shape == (1, 3, 20, 24)
 
     summary = run_cache_teacher(params, pairs, tmp_path / "teacher", tmp_path / "cache")
-    train = TrainPatches(pairs, tmp_path / "cache", keys=("lr", "teacher", "feat")).pools[0]
+    train = TrainPatches(
+        pairs, tmp_path / "cache", keys=("lr", "teacher", "feat"), patch_size=params.data.patch_size
+    ).pools[0]
     # trunk_conv has 40 channels on the LR grid, PCA-reduced to teacher.feature_channels.
     assert summary["feature_channels_full"] == 40 and summary["feature_channels"] == 4
     lr, out, feat = train.image("lr", 0), train.image("teacher", 0), train.image("feat", 0)

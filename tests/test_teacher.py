@@ -115,7 +115,9 @@ def test_trained_teacher_beats_bicubic_and_cache_aligns(pairs, tmp_path):
 
     summary = run_cache_teacher(params, pairs / "data/pairs", tmp_path / "teacher", tmp_path / "cache")
     cache = tmp_path / "cache"
-    train = TrainPatches(pairs / "data/pairs", cache, keys=("hr", "lr", "teacher", "feat")).pools[0]
+    train = TrainPatches(
+        pairs / "data/pairs", cache, keys=("hr", "lr", "teacher", "feat"), patch_size=params.data.patch_size
+    ).pools[0]
     manifest = pd.read_csv(pairs / "data/pairs/train_manifest.csv")
     assert len(manifest) == len(train) == summary["train_images"] and summary["train"] is True
     for i in range(len(train)):  # whole images: the output on the HR grid, the features on the LR grid

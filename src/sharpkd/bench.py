@@ -271,7 +271,7 @@ def student_training_speed(
     scale: int, channels: int, blocks: int, patch: int, batch_size: int, steps: int = 5
 ) -> dict:
     """Training steps/s of a student of this shape: forward, L1 pixel + kd loss, backward, AdamW step,
-    in the precision `distill.amp: true` trains in on this device (bf16 where native)."""
+    in the precision `compute.amp: true` trains in on this device (bf16 where native)."""
     import contextlib
 
     from sharpkd.config import LossParams

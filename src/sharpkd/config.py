@@ -50,18 +50,25 @@ class SamplesParams:
 
 
 @dataclass(frozen=True)
+class TeacherOnlyParams:
+    """Teacher-only inputs (no HR; the teacher's output is their only target), see data/teacher_only.py."""
+
+    folder: str  # folder (recursive) of low-resolution images without a high-resolution version
+    upcycle: tuple[Literal["zoom_in", "zoom_out"], ...]  # the labelled images reused as teacher inputs
+    max_side: int = field(metadata=_range(0, None))  # centre crop of each teacher-only input
+
+
+@dataclass(frozen=True)
 class DataParams:
     source: Literal["samples", "folder", "div2k"]
     scale: Literal[2, 3, 4]
-    patch_size: int = field(metadata=_range(8, 1024))
+    min_side: int = field(metadata=_range(1, None))  # degrade skips training images with a shorter side
+    patch_size: int = field(metadata=_range(8, 1024))  # training crops: read by the stages that train
     valid_max_side: int = field(metadata=_range(0, None))
     div2k: Div2kParams
     folder: FolderParams
     samples: SamplesParams
-    # Teacher-only inputs (no HR; the teacher's output is their only target), see data/teacher_only.py.
-    unlabeled: str  # folder (recursive) of low-resolution images without a high-resolution version
-    upcycle: tuple[Literal["zoom_in", "zoom_out"], ...]  # the labelled images reused as teacher inputs
-    teacher_only_max_side: int = field(metadata=_range(0, None))  # centre crop of each teacher-only input
+    teacher_only: TeacherOnlyParams
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,9 @@ class TeacherTrainParams:
     steps: int = field(metadata=_range(1, None))
     batch_size: int = field(metadata=_range(1, 4096))
     lr: float = field(metadata=_range(1e-8, 1))
+    warmup_steps: int = field(metadata=_range(0, None))
+    grad_clip: float = field(metadata=_range(0, None))
+    eval_every: int = field(metadata=_range(1, None))
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,8 @@ class TeacherParams:
 class CacheParams:
     batch_size: int = field(metadata=_range(1, 4096))
     max_gb: float = field(metadata=_range(0, None))
+    pca_crops: int = field(metadata=_range(1, 100000))  # LR crops the feature projection is fitted on
+    pca_crop: int = field(metadata=_range(4, 1024))  # their side, in LR pixels
 
 
 @dataclass(frozen=True)
@@ -136,10 +148,16 @@ class DistillParams:
     grad_clip: float = field(metadata=_range(0, None))
     eval_every: int = field(metadata=_range(1, None))
     checkpoint_every: int = field(metadata=_range(1, None))
-    amp: bool
-    threads: int = field(metadata=_range(0, 1024))
     teacher: bool  # false: the no-teacher baseline (the cache holds only the validation outputs)
-    unlabeled_fraction: float = field(metadata=_range(0, 1))
+    teacher_only_fraction: float = field(metadata=_range(0, 1))  # share of each batch
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    """How the stages run, read by several of them (teacher, cache_teacher, distill, evaluate)."""
+
+    amp: bool  # bf16 where native (CUDA; CPUs with AVX512-BF16/AMX): training passes, the teacher on CUDA
+    threads: int = field(metadata=_range(0, 1024))  # torch CPU threads (0 = torch's default)
 
 
 @dataclass(frozen=True)
@@ -186,6 +204,7 @@ class Params:
     loss: LossParams
     student: StudentParams
     distill: DistillParams
+    compute: ComputeParams
     eval: EvalParams
     export: ExportParams
     weights: WeightsParams
@@ -261,6 +280,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 
+# Keys that were renamed: an old `dvc exp run -S` command or params.yaml gets one line naming the new key.
+RENAMED = {
+    "data.unlabeled": "data.teacher_only.folder",
+    "data.upcycle": "data.teacher_only.upcycle",
+    "data.teacher_only_max_side": "data.teacher_only.max_side",
+    "distill.unlabeled_fraction": "distill.teacher_only_fraction",
+    "distill.amp": "compute.amp",
+    "distill.threads": "compute.threads",
+}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix or "params.yaml"
     if not isinstance(raw, dict):
@@ -270,6 +300,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        if key in RENAMED:
+            raise ConfigError(f"params: '{key}' was renamed '{RENAMED[key]}'; use that key")
         raise ConfigError(f"params: unknown key '{key}'; allowed keys here: {', '.join(fields)}")
     missing = [name for name in fields if name not in raw]
     if missing:
@@ -322,6 +354,11 @@ def _check_relations(p: Params) -> None:
         raise ConfigError(
             f"params: 'data.patch_size' ({p.data.patch_size}) must be a multiple of data.scale ({s})"
         )
+    if p.data.patch_size > p.data.min_side:
+        raise ConfigError(
+            f"params: 'data.patch_size' ({p.data.patch_size}) is larger than data.min_side ({p.data.min_side}): "
+            "degrade would keep training images smaller than a crop; raise data.min_side too"
+        )
     if p.data.source == "folder" and not p.data.folder.train:
         raise ConfigError(
             "params: 'data.folder.train' must name a folder of images when data.source is 'folder'"
@@ -348,21 +385,25 @@ def _check_relations(p: Params) -> None:
 
 def _check_teacher_use(p: Params) -> None:
     """The teacher-only data and the no-teacher baseline: every knob that would be silently ignored is an error."""
+    to = p.data.teacher_only
     teacher_only = [
-        k for k, on in (("data.unlabeled", p.data.unlabeled), ("data.upcycle", p.data.upcycle)) if on
+        k
+        for k, on in (("data.teacher_only.folder", to.folder), ("data.teacher_only.upcycle", to.upcycle))
+        if on
     ]
-    if len(set(p.data.upcycle)) != len(p.data.upcycle):
-        raise ConfigError(f"params: 'data.upcycle' lists a value twice: {list(p.data.upcycle)}")
-    f = p.distill.unlabeled_fraction
+    if len(set(to.upcycle)) != len(to.upcycle):
+        raise ConfigError(f"params: 'data.teacher_only.upcycle' lists a value twice: {list(to.upcycle)}")
+    f = p.distill.teacher_only_fraction
     if f > 0 and not teacher_only:
         raise ConfigError(
-            f"params: 'distill.unlabeled_fraction' is {f} but there is no teacher-only data: set data.unlabeled "
-            "to a folder of low-resolution images, or data.upcycle to [zoom_in], [zoom_out] or both"
+            f"params: 'distill.teacher_only_fraction' is {f} but there is no teacher-only data: set "
+            "data.teacher_only.folder to a folder of low-resolution images, or data.teacher_only.upcycle to "
+            "[zoom_in], [zoom_out] or both"
         )
     if teacher_only and f == 0:
         raise ConfigError(
-            f"params: {' and '.join(teacher_only)} given but 'distill.unlabeled_fraction' is 0: those images would "
-            "be prepared and cached but never trained on; set distill.unlabeled_fraction (e.g. 0.25)"
+            f"params: {' and '.join(teacher_only)} given but 'distill.teacher_only_fraction' is 0: those images "
+            "would be prepared and cached but never trained on; set distill.teacher_only_fraction (e.g. 0.25)"
         )
     if not p.distill.teacher:
         uses = [
@@ -371,7 +412,7 @@ def _check_teacher_use(p: Params) -> None:
                 ("loss.kd", p.loss.kd),
                 ("loss.feature", p.loss.feature),
                 ("loss.feature_affinity", p.loss.feature_affinity),
-                ("distill.unlabeled_fraction", f),
+                ("distill.teacher_only_fraction", f),
             )
             if v > 0
         ]

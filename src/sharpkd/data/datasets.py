@@ -4,7 +4,7 @@ Training data are whole images, each kind stored as one flat memory-mapped array
 quantity (docs/architecture.md): the labelled images (HR, clean LR, the student's degraded
 input; the teacher's output and LR-grid features) and the teacher-only inputs (no HR: the
 teacher's input, the student's input, the teacher's output and features). A batch is
-`data.patch_size` crops drawn at random from them, aligned on the LR grid (the HR crop
+`patch_size` (data.patch_size) crops drawn at random from them, aligned on the LR grid (the HR crop
 starts at a multiple of data.scale), each under one of the 8 dihedral transforms, the same
 for every quantity of a crop. Batches are a pure function of (seed, step, rank): a resumed
 or distributed run draws exactly the crops an uninterrupted single-process run would
@@ -26,16 +26,16 @@ from sharpkd.errors import UserError
 from sharpkd.images import read_rgb
 
 # key -> file in data/pairs (PAIR) or data/teacher (TEACHER), for the labelled images ("train")
-# and the teacher-only inputs ("extra"). "lr" of a teacher-only input is what the teacher saw.
+# and the teacher-only inputs ("teacher_only"). "lr" of a teacher-only input is what the teacher saw.
 PAIR_FILES = {
     "train": {"hr": "train_hr.npy", "lr": "train_lr.npy", "input": "train_input.npy"},
-    "extra": {"lr": "extra_lr.npy", "input": "extra_input.npy"},
+    "teacher_only": {"lr": "teacher_only_lr.npy", "input": "teacher_only_input.npy"},
 }
 TEACHER_FILES = {
     "train": {"teacher": "train_out.npy", "feat": "train_feat.npy"},
-    "extra": {"teacher": "extra_out.npy", "feat": "extra_feat.npy"},
+    "teacher_only": {"teacher": "teacher_only_out.npy", "feat": "teacher_only_feat.npy"},
 }
-MANIFESTS = {"train": "train_manifest.csv", "extra": "extra_manifest.csv"}
+MANIFESTS = {"train": "train_manifest.csv", "teacher_only": "teacher_only_manifest.csv"}
 LR_GRID = ("lr", "feat")  # keys on the LR grid; the others are on the output (HR) grid
 KEYS = ("hr", "lr", "input", "teacher", "feat")
 
@@ -54,9 +54,9 @@ def read_pairs_info(pairs_dir: str | Path) -> dict:
 
 
 def image_sizes(pairs_dir: str | Path, kind: str, scale: int) -> np.ndarray:
-    """(n, 2) LR-grid (height, width) of each image of `kind` ("train" or "extra"), in manifest order.
+    """(n, 2) LR-grid (height, width) of each image of `kind` ("train" or "teacher_only"), in manifest order.
 
-    train_manifest.csv gives the HR size (a multiple of scale), extra_manifest.csv the teacher input's size.
+    train_manifest.csv gives the HR size (a multiple of scale), teacher_only_manifest.csv the teacher input's size.
     """
     path = Path(pairs_dir) / MANIFESTS[kind]
     if not path.is_file():
@@ -120,7 +120,7 @@ def teacher_only_count(batch_size: int, fraction: float) -> int:
 class TrainPatches:
     """Random aligned crops of the training images; `keys` picks the quantities a run needs.
 
-    With `unlabeled_fraction` > 0 that share of each batch comes from the teacher-only inputs: their
+    With `teacher_only_fraction` > 0 that share of each batch comes from the teacher-only inputs: their
     "hr" is zeros and the batch gets `labelled` (B,) = 1 for labelled crops, 0 for teacher-only ones,
     so the loss terms that need HR can skip them. Every batch also carries `crop` (B, 5) int64:
     pool (0 labelled, 1 teacher-only), image, LR-grid y and x, dihedral transform.
@@ -131,24 +131,26 @@ class TrainPatches:
         pairs_dir: str | Path = "data/pairs",
         teacher_dir: str | Path | None = None,
         keys=("hr", "lr"),
-        unlabeled_fraction: float = 0.0,
+        *,
+        patch_size: int,
+        teacher_only_fraction: float = 0.0,
     ):
         unknown = [k for k in keys if k not in KEYS]
         if unknown:
             raise ValueError(f"unknown array {unknown[0]!r}")
         info = read_pairs_info(pairs_dir)
-        self.scale, self.patch_size = int(info["scale"]), int(info["patch_size"])
+        self.scale, self.patch_size = int(info["scale"]), patch_size
         self.lr_side = self.patch_size // self.scale
         self.keys = tuple(keys)
-        self.fraction = unlabeled_fraction
+        self.fraction = teacher_only_fraction
         self.pools = [self._pool(pairs_dir, teacher_dir, "train", self.keys)]
-        if unlabeled_fraction > 0:
+        if teacher_only_fraction > 0:
             if teacher_dir is None:
                 raise ValueError(
                     "teacher-only inputs need teacher_dir (the teacher's output is their target)"
                 )
             self.pools.append(
-                self._pool(pairs_dir, teacher_dir, "extra", tuple(k for k in self.keys if k != "hr"))
+                self._pool(pairs_dir, teacher_dir, "teacher_only", tuple(k for k in self.keys if k != "hr"))
             )
         self.n = len(self.pools[0])
 
@@ -160,7 +162,7 @@ class TrainPatches:
         if len(small):
             raise UserError(
                 f"{Path(pairs_dir) / MANIFESTS[kind]}: image {int(small[0])} is smaller than a training crop "
-                f"(data.patch_size={self.patch_size}); rerun `dvc repro degrade`"
+                f"(data.patch_size={self.patch_size}); raise data.min_side to at least data.patch_size"
             )
         arrays = {}
         for key in keys:

@@ -1,16 +1,16 @@
 """Teacher-only training inputs: images whose only target is the teacher's output (there is no HR).
 
-unlabeled  `data.unlabeled`: a folder (recursive) of low-resolution images that have no
+unlabeled  `data.teacher_only.folder`: a folder (recursive) of low-resolution images that have no
            high-resolution version (a user's own footage); each is a teacher input as it is.
-zoom_in    `data.upcycle`: a labelled training image's HR used as the teacher's input (DUKD's
+zoom_in    `data.teacher_only.upcycle`: a labelled training image's HR used as the teacher's input (DUKD's
            zoom-in): the teacher's x`scale` output of it is the target.
-zoom_out   `data.upcycle`: a labelled training image's clean LR downscaled again by data.scale
+zoom_out   `data.teacher_only.upcycle`: a labelled training image's clean LR downscaled again by data.scale
            (DUKD's zoom-out): the teacher brings it back to the LR size.
 
-Each teacher input is centre-cropped to `data.teacher_only_max_side` (0 = whole image); the
+Each teacher input is centre-cropped to `data.teacher_only.max_side` (0 = whole image); the
 student's input is the teacher input brought up by `degradation.upscale` to the size of the
 teacher's output, with no further degradation. An input with a side under
-data.patch_size / data.scale cannot give one training crop and is skipped (and listed).
+data.min_side / data.scale cannot give one training crop and is skipped (and listed).
 The degrade stage checks the folder before any work: missing, empty, or without one readable
 image of a usable size is a UserError naming it.
 """
@@ -29,7 +29,7 @@ from sharpkd.images import ImageReadError, list_image_folder, read_rgb
 
 @dataclass
 class UnlabeledScan:
-    """The usable images of data.unlabeled (relative name, path) and what was skipped, with why."""
+    """The usable images of data.teacher_only.folder (relative name, path) and what was skipped, with why."""
 
     folder: Path
     images: list[tuple[str, Path]] = field(default_factory=list)
@@ -38,9 +38,9 @@ class UnlabeledScan:
 
 
 def scan_unlabeled(folder: str, lr_side: int, max_side: int) -> UnlabeledScan:
-    """Every image of the data.unlabeled folder decoded once (sizes, readability), before any work is done."""
+    """Every image of the data.teacher_only.folder decoded once (sizes, readability), before any work is done."""
     root = Path(folder).expanduser()
-    files = list_image_folder(root, "data.unlabeled")
+    files = list_image_folder(root, "data.teacher_only.folder")
     scan = UnlabeledScan(root)
     for path in files:
         name = path.relative_to(root).as_posix()
@@ -55,15 +55,13 @@ def scan_unlabeled(folder: str, lr_side: int, max_side: int) -> UnlabeledScan:
             scan.skipped.append(
                 f"{name}: {w}x{h} is smaller than a training crop's {lr_side} pixels per side"
             )
-            print(
-                f"[degrade] skipped {path}: {w}x{h} is smaller than data.patch_size / data.scale = {lr_side}"
-            )
+            print(f"[degrade] skipped {path}: {w}x{h} is smaller than data.min_side / data.scale = {lr_side}")
             continue
         scan.images.append((name, path))
         scan.sizes.append((h, w))
     if not scan.images:
         raise UserError(
-            f"data.unlabeled: no usable image in {root} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
+            f"data.teacher_only.folder: no usable image in {root} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
             f"{' ...' if len(scan.skipped) > 3 else ''})"
         )
     return scan
