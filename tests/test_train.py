@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from helpers import NullTracker, loss_params, make_teacher_cache, stage_paths, tiny_params
+from helpers import REPO, NullTracker, loss_params, make_teacher_cache, stage_paths, tiny_params
 from sharpkd.errors import UserError
 from sharpkd.losses import VGG19_FILE, DistillObjective
 from sharpkd.models import count_params
@@ -187,7 +187,7 @@ def test_non_finite_loss_stops(tmp_path):
     ],
 )
 def test_bf16_training_passes_only_where_the_cpu_computes_bf16(amp, cpu_flags, precision, monkeypatch):
-    """distill.amp on a CPU: bf16 autocast for the training passes where the CPU has bf16 instructions
+    """compute.amp on a CPU: bf16 autocast for the training passes where the CPU has bf16 instructions
     (elsewhere oneDNN emulates it, slower than fp32); validation and the weights stay fp32."""
     import sharpkd.train as train
 
@@ -256,6 +256,70 @@ def test_corrupt_checkpoint_is_set_aside_and_training_restarts(tmp_path, capsys)
     assert torch.load(ckpt, weights_only=True)["step"] == 2  # the new run's checkpoint
 
 
+def test_train_state_round_trips_through_the_checkpoint(tmp_path):
+    """TrainState.to_checkpoint, saved and loaded as a resume loads it, then from_checkpoint: the same
+    state, and the weights, optimizer, scheduler and RNG where they were, under the keys resumes read."""
+    from sharpkd.train import TrainState, lr_at
+
+    cfg = FitConfig(steps=6, lr=1e-2, warmup_steps=2)
+
+    def machinery(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+        return net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
+
+    def train_step(net, opt, sched, x):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+        sched.step()
+
+    net, opt, sched = machinery(0)
+    for _ in range(2):
+        train_step(net, opt, sched, torch.rand(4, 3))
+    state = TrainState(
+        step=2,
+        curve=[
+            {"step": 1, "loss": 0.5, "lr": 0.005},
+            {"step": 2, "loss": 0.25, "lr": 0.01, "val_psnr": 20.0},
+        ],
+        best={"psnr": 20.0},
+        best_step=2,
+        best_state={k: v.clone() for k, v in net.state_dict().items()},
+    )
+    ckpt = state.to_checkpoint(net, opt, sched, cfg=cfg, fingerprint={"precision": "fp32"}, on_cuda=False)
+    assert set(ckpt) == {
+        "objective", "optimizer", "scheduler", "rng_cpu", "rng_cuda", "step", "steps", "curve",
+        "best", "best_step", "best_state", "fingerprint", "config",
+    }  # fmt: skip
+    assert ckpt["steps"] == 6 and ckpt["rng_cuda"] is None and ckpt["config"]["warmup_steps"] == 2
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    x, draws = torch.rand(4, 3), torch.rand(5)  # what the saved RNG gives next
+
+    net2, opt2, sched2 = machinery(1)
+    ckpt2 = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    loaded = TrainState.from_checkpoint(ckpt2, net2, opt2, sched2, on_cuda=False)
+    assert (loaded.step, loaded.curve, loaded.best, loaded.best_step) == (2, state.curve, {"psnr": 20.0}, 2)
+    assert loaded.best_state.keys() == state.best_state.keys()
+    assert all(torch.equal(loaded.best_state[k], v) for k, v in state.best_state.items())
+    # Written again, it is the checkpoint it was read from.
+    again = loaded.to_checkpoint(
+        net2, opt2, sched2, cfg=cfg, fingerprint={"precision": "fp32"}, on_cuda=False
+    )
+    for key in ("step", "steps", "curve", "best", "best_step", "fingerprint", "config", "scheduler"):
+        assert again[key] == ckpt[key], key
+    assert torch.equal(again["rng_cpu"], ckpt["rng_cpu"])
+    assert all(torch.equal(again["objective"][k], v) for k, v in ckpt["objective"].items())
+    assert torch.equal(torch.rand(4, 3), x) and torch.equal(torch.rand(5), draws)
+    # The next step from the loaded state is the next step of the saved one, learning rate included.
+    train_step(net, opt, sched, x)
+    train_step(net2, opt2, sched2, x)
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    after, after2 = net.state_dict(), net2.state_dict()
+    assert all(torch.equal(after[k], after2[k]) for k in after)
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Real degrade + trained tiny teacher + teacher cache, built once for this module."""
@@ -263,7 +327,7 @@ def pipeline(tmp_path_factory):
 
 
 def _distill(root, params, tag):
-    from sharpkd.stages import distill
+    from stages import distill
 
     paths = stage_paths(
         root, student=root / tag / "student", checkpoints=root / tag / "ckpt", metrics=root / tag / "metrics"
@@ -290,8 +354,8 @@ def _teacher_only_params(root: Path):
     for i, (h, w) in enumerate([(40, 52), (33, 30)]):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"u{i}.png")
     return tiny_params(
-        data={"unlabeled": str(folder), "upcycle": ["zoom_in"], "teacher_only_max_side": 40},
-        distill={"unlabeled_fraction": 0.5},
+        data={"teacher_only": {"folder": str(folder), "upcycle": ["zoom_in"], "max_side": 40}},
+        distill={"teacher_only_fraction": 0.5},
         loss={"feature": 0.1, "feature_affinity": 0.1},
     )
 
@@ -349,7 +413,7 @@ def test_resume_equals_uninterrupted(data, request, monkeypatch):
 
 def test_no_teacher_baseline_needs_no_training_cache(pipeline, tmp_path):
     """distill.teacher false: cache_teacher runs the teacher on the validation images only, distill reads none of it."""
-    from sharpkd.stages import cache_teacher
+    from stages import cache_teacher
 
     params = tiny_params(distill={"teacher": False}, loss={"kd": 0.0, "feature": 0.0})
     cache = tmp_path / "cache"
@@ -365,7 +429,7 @@ def test_no_teacher_baseline_needs_no_training_cache(pipeline, tmp_path):
 
 
 def _distill_with_cache(root, params, cache, tag):
-    from sharpkd.stages import distill
+    from stages import distill
 
     paths = stage_paths(
         root,
@@ -378,7 +442,7 @@ def _distill_with_cache(root, params, cache, tag):
 
 
 def test_two_process_gloo(pipeline, tmp_path):
-    """`torchrun --nproc_per_node=2 -m sharpkd.stages.distill` trains with DDP on CPU; rank 0 writes."""
+    """`torchrun --nproc_per_node=2 stages/distill.py` trains with DDP on CPU; rank 0 writes."""
     work = tmp_path / "ddp"
     (work / "data").mkdir(parents=True)
     for sub in ("pairs", "teacher"):
@@ -396,8 +460,7 @@ def test_two_process_gloo(pipeline, tmp_path):
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            "-m",
-            "sharpkd.stages.distill",
+            str(REPO / "stages" / "distill.py"),
         ],
         cwd=work,
         env=env,

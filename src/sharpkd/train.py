@@ -7,8 +7,10 @@ the batches an uninterrupted run would. AdamW, cosine schedule with linear
 warm-up, gradient clipping, bf16 autocast where the device computes bf16
 natively (CUDA; CPUs with AVX512-BF16 or AMX), channels-last on CUDA, a
 checkpoint every `checkpoint_every` steps, validation every `eval_every` steps.
-Under `torchrun` the objective is wrapped in DistributedDataParallel and only
-rank 0 writes.
+A checkpoint holds the weights, optimizer, scheduler and RNG states and a
+`TrainState` (step, curve, best validation and the weights at it). Under
+`torchrun` the objective is wrapped in DistributedDataParallel and only rank 0
+validates and writes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,9 @@ from sharpkd.errors import UserError, load_error
 from sharpkd.files import atomic_path, remove_stale_temps
 from sharpkd.inference import default_device
 from sharpkd.progress import progress
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class NonFiniteLossError(UserError):
@@ -107,6 +113,84 @@ def lr_at(step: int, cfg: FitConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass
+class TrainState:
+    """Where training stands: the steps done, the curve so far and the best validation seen.
+
+    Together with the weights, optimizer, scheduler and RNG states it is what a checkpoint holds, so
+    that a resumed run carries on exactly where the interrupted one stopped."""
+
+    step: int = 0
+    curve: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)  # metrics at the best validation PSNR
+    best_step: int = -1
+    best_state: dict | None = None  # the objective's state_dict (on the CPU) at best_step
+
+    def to_checkpoint(
+        self,
+        objective: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        cfg: FitConfig,
+        fingerprint: dict,
+        on_cuda: bool,
+    ) -> dict:
+        return {
+            "objective": objective.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if on_cuda else None,
+            "step": self.step,
+            "steps": cfg.steps,
+            "curve": self.curve,
+            "best": self.best,
+            "best_step": self.best_step,
+            "best_state": self.best_state,
+            "fingerprint": fingerprint,
+            "config": asdict(cfg),
+        }
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: dict,
+        objective: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        on_cuda: bool,
+    ) -> TrainState:
+        """The state saved in `ckpt`, after loading its weights, optimizer, scheduler and RNG states
+        into the given ones."""
+        objective.load_state_dict(ckpt["objective"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        # Checkpoints written on a CPU have none (None), and a CPU run has no CUDA RNG to set.
+        if on_cuda and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        return cls(
+            step=ckpt["step"],
+            curve=ckpt["curve"],
+            best=ckpt["best"],
+            best_step=ckpt["best_step"],
+            best_state=ckpt["best_state"],
+        )
+
+    def validate(self, objective: nn.Module, evaluate: Callable[[], dict], step: int) -> dict:
+        """`evaluate()`'s metrics at `step`; the objective's state is kept when its PSNR is the best yet."""
+        objective.eval()
+        with torch.no_grad():
+            metrics = evaluate()
+        objective.train()
+        if not self.best or metrics.get("psnr", -math.inf) > self.best.get("psnr", -math.inf):
+            self.best, self.best_step = dict(metrics), step
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()}
+        return metrics
+
+
 def fit(
     objective: nn.Module,
     batch_fn: Callable[[int], dict[str, torch.Tensor]],
@@ -132,72 +216,42 @@ def fit(
     trainable = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
-    start, curve, best, best_step, best_state = 0, [], {}, -1, None
-    # Only the training passes: validation (run_eval) and everything saved stay in fp32.
+    # Only the training passes: validation and everything saved stay in fp32.
     precision = "bf16" if cfg.amp and native_bf16(device) else "fp32"
     # The precision is part of what a checkpoint must match: a run is resumed only in the arithmetic
     # it began in (fp32 checkpoints from before CPU bf16 training existed train again).
     fingerprint = _jsonable({**cfg.fingerprint, "precision": precision})
-
     ckpt_path = Path(checkpoint_path) if checkpoint_path else None
-    if ckpt_path and rank == 0:
-        remove_stale_temps(ckpt_path.parent)  # a checkpoint half-written when a run was killed
-    ckpt = _read_checkpoint(ckpt_path, desc, rank) if ckpt_path and ckpt_path.is_file() else None
-    if ckpt is not None:
-        if ckpt.get("fingerprint") == fingerprint and ckpt.get("steps") == cfg.steps:
-            objective.load_state_dict(ckpt["objective"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["rng_cpu"])
-            if on_cuda and ckpt.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-            start, curve, best, best_step = ckpt["step"], ckpt["curve"], ckpt["best"], ckpt["best_step"]
-            best_state = ckpt["best_state"]
-            if rank == 0:
-                print(f"[{desc}] resuming from {ckpt_path} at step {start}/{cfg.steps}")
-        elif rank == 0:
-            print(f"[{desc}] {ckpt_path} is from a different configuration; starting from step 0")
+    state = _resume(
+        ckpt_path,
+        objective,
+        optimizer,
+        scheduler,
+        cfg=cfg,
+        fingerprint=fingerprint,
+        on_cuda=on_cuda,
+        rank=rank,
+        desc=desc,
+    )
+    start = state.step
 
+    # Wrapped after the resume: DDP broadcasts rank 0's (resumed) weights to the other ranks.
     model = objective
     if world > 1:
         model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if on_cuda else None)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     )
-
-    def save_checkpoint(step: int) -> None:
-        if rank != 0 or ckpt_path is None:
-            return
-        state = {
-            "objective": objective.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if on_cuda else None,
-            "step": step,
-            "steps": cfg.steps,
-            "curve": curve,
-            "best": best,
-            "best_step": best_step,
-            "best_state": best_state,
-            "fingerprint": fingerprint,
-            "config": asdict(cfg),
-        }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
-
-    def run_eval(step: int) -> dict:
-        nonlocal best, best_step, best_state
-        if rank != 0 or evaluate is None:
-            return {}
-        objective.eval()
-        with torch.no_grad():
-            metrics = evaluate()
-        objective.train()
-        if not best or metrics.get("psnr", -math.inf) > best.get("psnr", -math.inf):
-            best, best_step = dict(metrics), step
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()}
-        return metrics
+    train_step = functools.partial(
+        _train_step,
+        model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainable=trainable,
+        grad_clip=cfg.grad_clip,
+        device=device,
+        autocast=autocast,
+    )
 
     objective.train()
     t0, last_metrics = time.perf_counter(), {}
@@ -211,49 +265,29 @@ def fit(
         mininterval=1.0,
     )
     for step in bar:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch_fn(step).items()}
-        if on_cuda:
-            batch = {
-                k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                for k, v in batch.items()
-            }
-        with autocast:
-            total, terms = model(batch)
-        if not torch.isfinite(total):
-            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({shown}); no weights were written. "
-                "Lower distill.lr (or teacher.train.lr), or check the inputs."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-
+        total, terms = train_step(batch_fn(step), step)
+        done = step + 1
         row = {
-            "step": step + 1,
+            "step": done,
             "loss": total.item(),
             **{k: float(v) for k, v in terms.items()},
             "lr": scheduler.get_last_lr()[0],
         }
-        done = step + 1
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-            last_metrics = run_eval(done)
+        # Only rank 0 validates and writes; the other ranks train in step with it.
+        if evaluate is not None and rank == 0 and _due(done, cfg.eval_every, cfg.steps):
+            last_metrics = state.validate(objective, evaluate, done)
             row.update({f"val_{k}": v for k, v in last_metrics.items()})
-        curve.append(row)
+        state.step = done
+        state.curve.append(row)
         if rank == 0:
-            # refresh=False: shown at the bar's next (rate-limited) redraw, not as a line per step.
-            bar.set_postfix(
-                loss=f"{row['loss']:.4f}",
-                **({"val_psnr": f"{row['val_psnr']:.2f}"} if "val_psnr" in row else {}),
-                refresh=False,
+            _report(bar, row, cfg, log_metrics)
+        # checkpoint_every 0: no checkpoint at all, not even after the last step.
+        if cfg.checkpoint_every and _due(done, cfg.checkpoint_every, cfg.steps) and rank == 0 and ckpt_path:
+            ckpt = state.to_checkpoint(
+                objective, optimizer, scheduler, cfg=cfg, fingerprint=fingerprint, on_cuda=on_cuda
             )
-            if log_metrics and (done % cfg.log_every == 0 or "val_psnr" in row or done == cfg.steps):
-                log_metrics({k: v for k, v in row.items() if k != "step"}, done)
-        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(done)
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(ckpt, tmp)
 
     seconds = time.perf_counter() - t0
     ran = cfg.steps - start
@@ -261,16 +295,100 @@ def fit(
         dist.barrier()
     return FitResult(
         steps=cfg.steps,
-        best_step=best_step,
-        best_metrics=best,
-        best_state=best_state,
+        best_step=state.best_step,
+        best_metrics=state.best,
+        best_state=state.best_state,
         last_metrics=last_metrics,
-        curve=curve,
+        curve=state.curve,
         seconds=seconds,
         steps_per_s=ran / seconds if ran > 0 and seconds > 0 else None,
         resumed_from=start,
         precision=precision,
     )
+
+
+def _resume(
+    ckpt_path: Path | None,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    cfg: FitConfig,
+    fingerprint: dict,
+    on_cuda: bool,
+    rank: int,
+    desc: str,
+) -> TrainState:
+    """The state to start from: that of the checkpoint at `ckpt_path` (loaded into the objective,
+    optimizer, scheduler and RNGs) when it is from this configuration, else a fresh one at step 0."""
+    if ckpt_path is None:
+        return TrainState()
+    if rank == 0:
+        remove_stale_temps(ckpt_path.parent)  # a checkpoint half-written when a run was killed
+    ckpt = _read_checkpoint(ckpt_path, desc, rank) if ckpt_path.is_file() else None
+    if ckpt is None:
+        return TrainState()
+    if ckpt.get("fingerprint") != fingerprint or ckpt.get("steps") != cfg.steps:
+        if rank == 0:
+            print(f"[{desc}] {ckpt_path} is from a different configuration; starting from step 0")
+        return TrainState()
+    state = TrainState.from_checkpoint(ckpt, objective, optimizer, scheduler, on_cuda=on_cuda)
+    if rank == 0:
+        print(f"[{desc}] resuming from {ckpt_path} at step {state.step}/{cfg.steps}")
+    return state
+
+
+def _train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    step: int,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainable: list[nn.Parameter],
+    grad_clip: float,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step on `batch`: the loss and its terms, as the forward pass returned them."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if device.type == "cuda":
+        # The layout fit put the weights in: convs run fastest with both channels-last.
+        batch = {
+            k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+            for k, v in batch.items()
+        }
+    with autocast:
+        total, terms = model(batch)
+    if not torch.isfinite(total):
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({shown}); no weights were written. "
+            "Lower distill.lr (or teacher.train.lr), or check the inputs."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return total, terms
+
+
+def _due(done: int, every: int, steps: int) -> bool:
+    """Whether step `done` is one for a thing done every `every` steps (0: none) and after the last."""
+    return bool(every and done % every == 0) or done == steps
+
+
+def _report(bar: tqdm, row: dict, cfg: FitConfig, log_metrics: Callable[[dict, int], None] | None) -> None:
+    """Show a step's loss (and validation PSNR) on the bar; log it every cfg.log_every steps, at each
+    validation and at the end."""
+    val = {"val_psnr": f"{row['val_psnr']:.2f}"} if "val_psnr" in row else {}
+    # refresh=False: shown at the bar's next (rate-limited) redraw, not as a line per step.
+    bar.set_postfix(loss=f"{row['loss']:.4f}", **val, refresh=False)
+    done = row["step"]
+    if log_metrics and (done % cfg.log_every == 0 or "val_psnr" in row or done == cfg.steps):
+        log_metrics({k: v for k, v in row.items() if k != "step"}, done)
 
 
 NO_STEPS_RAN = "no step ran: resumed from a finished checkpoint (delete it to train again)"
