@@ -146,40 +146,8 @@ def download(
     for attempt in range(attempts):
         if attempt > 1:
             time.sleep(min(2.0 * (attempt - 1), 10.0))  # resume a cut connection at once, then back off
-        have = part.stat().st_size if part.exists() else 0
-        # identity: byte ranges and the digest refer to the file itself, not to a gzip of it.
-        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                if r.status_code == 416 and have:  # nothing left to fetch: the .part holds the whole file
-                    break
-                if r.status_code not in (200, 206):
-                    raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
-                if r.status_code == 206 and _range_start(r) != have:
-                    part.unlink()
-                    last_error = f"asked for bytes from {have}, got {r.headers.get('Content-Range')!r}"
-                    continue
-                if r.status_code == 200 and have:
-                    print(
-                        f"[download] {url}: the server does not support resuming; downloading from the start"
-                    )
-                    have = 0
-                length = r.headers.get("Content-Length")
-                total = int(length) + have if length else size
-                with (
-                    open(part, "ab" if have else "wb") as f,
-                    progress(
-                        total=total, initial=have, unit="B", unit_scale=True, desc=f"download {dest.name}"
-                    ) as bar,
-                ):
-                    for chunk in _body_chunks(r):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            # A response without Content-Length that ended early looks complete to requests: keep resuming.
-            if length is None and size is not None and part.stat().st_size < size:
-                last_error = f"connection closed at {part.stat().st_size} of {size} bytes"
-                continue
-            break
+            last_error = _fetch_rest(url, dest, part, size, timeout)
         except (
             requests.ConnectionError,
             requests.Timeout,
@@ -191,6 +159,9 @@ def download(
             print(
                 f"[download] {dest.name}: interrupted at {got} bytes ({type(exc).__name__}); resuming with HTTP Range"
             )
+            continue
+        if last_error is None:
+            break
     else:
         raise DownloadError(
             f"{url}: download failed after {attempts} attempts ({last_error}); "
@@ -204,6 +175,44 @@ def download(
     part.replace(dest)
     print(f"[download] {dest} downloaded" + (", verified" if size is not None or digest else ""))
     return dest
+
+
+def _fetch_rest(url: str, dest: Path, part: Path, size: int | None, timeout: float) -> str | None:
+    """One request appending what `part` lacks of `url`: None when it is whole, else why to try again.
+
+    DownloadError on an HTTP error; a dropped connection raises what requests raises.
+    """
+    import requests
+
+    have = part.stat().st_size if part.exists() else 0
+    # identity: byte ranges and the digest refer to the file itself, not to a gzip of it.
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416 and have:  # nothing left to fetch: the .part holds the whole file
+            return None
+        if r.status_code not in (200, 206):
+            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+        if r.status_code == 206 and _range_start(r) != have:
+            part.unlink()
+            return f"asked for bytes from {have}, got {r.headers.get('Content-Range')!r}"
+        if r.status_code == 200 and have:
+            print(f"[download] {url}: the server does not support resuming; downloading from the start")
+            have = 0
+        length = r.headers.get("Content-Length")
+        total = int(length) + have if length else size
+        with (
+            open(part, "ab" if have else "wb") as f,
+            progress(
+                total=total, initial=have, unit="B", unit_scale=True, desc=f"download {dest.name}"
+            ) as bar,
+        ):
+            for chunk in _body_chunks(r):
+                f.write(chunk)
+                bar.update(len(chunk))
+    # A response without Content-Length that ended early looks complete to requests: keep resuming.
+    if length is None and size is not None and part.stat().st_size < size:
+        return f"connection closed at {part.stat().st_size} of {size} bytes"
+    return None
 
 
 def fetch_weights(

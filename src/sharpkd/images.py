@@ -105,40 +105,58 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
     else:
         orientation = 1
     mode = im.mode
-    alpha = None
     if mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
-        arr = np.asarray(im).astype(np.int64)
-        peak = 65535 if mode != "I" or arr.max() > 255 else 255
-        arr16 = np.clip(arr * (65535 // peak), 0, 65535).astype(np.uint16)
-        rgb16 = np.repeat(arr16[..., None], 3, axis=2)
-        notes.append("16-bit grayscale expanded to RGB")
-        rgb = rgb16 if keep_16bit else _to8(rgb16)
-        if not keep_16bit:
-            notes.append("16-bit scaled to 8-bit")
-        return LoadedImage(rgb, None, "; ".join(notes))
+        return _gray16_image(im, keep_16bit, notes)
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         rgb = np.repeat(np.clip(arr, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
         notes.append("float grayscale converted to 8-bit RGB")
         return LoadedImage(rgb, None, "; ".join(notes))
-
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        arr = np.asarray(im)
-        alpha = arr[..., 3].copy()
-        rgb = arr[..., :3].copy()
-        notes.append(f"{mode} image: alpha channel separated")
-        if mode in ("LA",):
-            notes.append("grayscale expanded to RGB")
-        # PIL reads 16-bit RGBA PNGs and TIFFs as 8-bit RGBA; OpenCV / tifffile keep the 16 bits.
-        sixteen = mode == "RGBA" and (deep_tiff or _is_16bit_png(path))
-        deep = _read_16bit_color(path) if sixteen and keep_16bit else None
-        if deep is not None and deep.shape[2] == 4 and deep.shape[:2] in (rgb.shape[:2], rgb.shape[1::-1]):
-            deep = np.ascontiguousarray(_ORIENT[orientation](deep) if orientation != 1 else deep)
-            return LoadedImage(deep[..., :3].copy(), deep[..., 3].copy(), "; ".join(notes))
-        if sixteen:
-            notes.append("16-bit scaled to 8-bit")
-        return LoadedImage(rgb, alpha, "; ".join(notes))
+        return _image_with_alpha(im, path, orientation, deep_tiff, keep_16bit, notes)
+    return _rgb_image(im, path, orientation, deep_tiff, keep_16bit, notes)
+
+
+def _gray16_image(im: Image.Image, keep_16bit: bool, notes: list[str]) -> LoadedImage:
+    """A 16-bit (or 32-bit integer) grayscale image as RGB, 16 bits kept or scaled to 8."""
+    arr = np.asarray(im).astype(np.int64)
+    peak = 65535 if im.mode != "I" or arr.max() > 255 else 255
+    arr16 = np.clip(arr * (65535 // peak), 0, 65535).astype(np.uint16)
+    rgb16 = np.repeat(arr16[..., None], 3, axis=2)
+    notes.append("16-bit grayscale expanded to RGB")
+    if keep_16bit:
+        return LoadedImage(rgb16, None, "; ".join(notes))
+    notes.append("16-bit scaled to 8-bit")
+    return LoadedImage(_to8(rgb16), None, "; ".join(notes))
+
+
+def _image_with_alpha(
+    im: Image.Image, path: Path, orientation: int, deep_tiff: bool, keep_16bit: bool, notes: list[str]
+) -> LoadedImage:
+    """An image with transparency: RGB and alpha apart, 16 bits read past PIL when kept."""
+    mode = im.mode
+    arr = np.asarray(im.convert("RGBA"))
+    alpha = arr[..., 3].copy()
+    rgb = arr[..., :3].copy()
+    notes.append(f"{mode} image: alpha channel separated")
+    if mode in ("LA",):
+        notes.append("grayscale expanded to RGB")
+    # PIL reads 16-bit RGBA PNGs and TIFFs as 8-bit RGBA; OpenCV / tifffile keep the 16 bits.
+    sixteen = mode == "RGBA" and (deep_tiff or _is_16bit_png(path))
+    deep = _read_16bit_color(path) if sixteen and keep_16bit else None
+    if deep is not None and deep.shape[2] == 4 and deep.shape[:2] in (rgb.shape[:2], rgb.shape[1::-1]):
+        deep = _oriented(deep, orientation)
+        return LoadedImage(deep[..., :3].copy(), deep[..., 3].copy(), "; ".join(notes))
+    if sixteen:
+        notes.append("16-bit scaled to 8-bit")
+    return LoadedImage(rgb, alpha, "; ".join(notes))
+
+
+def _rgb_image(
+    im: Image.Image, path: Path, orientation: int, deep_tiff: bool, keep_16bit: bool, notes: list[str]
+) -> LoadedImage:
+    """An image without transparency as RGB, 16 bits read past PIL when the file has them."""
+    mode = im.mode
     if mode != "RGB":
         if mode in ("L", "1"):
             notes.append("grayscale expanded to RGB")
@@ -151,14 +169,17 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
         rgb16 = _read_16bit_color(path)
         rgb16 = rgb16[..., :3] if rgb16 is not None else None
         if rgb16 is not None and rgb16.shape[:2] in (rgb.shape[:2], rgb.shape[1::-1]):
-            # OpenCV's IMREAD_UNCHANGED ignores EXIF: turn the pixels the way PIL turned its copy.
-            rgb16 = _ORIENT[orientation](rgb16) if orientation != 1 else rgb16
-            rgb16 = np.ascontiguousarray(rgb16)
+            rgb16 = _oriented(rgb16, orientation)
             if keep_16bit:
-                return LoadedImage(rgb16, alpha, "; ".join(notes))
+                return LoadedImage(rgb16, None, "; ".join(notes))
             notes.append("16-bit scaled to 8-bit")
             rgb = _to8(rgb16)
-    return LoadedImage(np.ascontiguousarray(rgb), alpha, "; ".join(notes))
+    return LoadedImage(np.ascontiguousarray(rgb), None, "; ".join(notes))
+
+
+def _oriented(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """`arr` turned the way PIL turned its copy: OpenCV's IMREAD_UNCHANGED and tifffile ignore EXIF."""
+    return np.ascontiguousarray(_ORIENT[orientation](arr) if orientation != 1 else arr)
 
 
 def read_rgb(path: str | Path) -> tuple[np.ndarray, str]:

@@ -31,7 +31,7 @@ SIXTEEN_BIT_SUFFIXES = {".png", ".tif", ".tiff"}
 OUTPUT_TAG = "_sharp"
 PREVIEW_TAG = "_preview"
 
-# Tiling outside a pipeline checkout (no params.yaml): a 256-pixel tile bounds memory at any size.
+# Tiling outside a pipeline checkout (no params.yaml): a tile this small bounds memory at any image size.
 CLI_TILE, CLI_OVERLAP = 256, 16
 
 
@@ -251,15 +251,11 @@ def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_f
     cap = cv2.VideoCapture(opencv_name(job.src))
     if not cap.isOpened():
         raise UserError(f"{printable(job.src)}: OpenCV cannot open this video")
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    notes = []
-    if not fps or fps != fps or fps <= 0:  # some containers do not say; NaN != NaN
-        fps = 25.0
-        notes.append("frame rate unknown, written at 25 fps")
+    fps, notes = _frame_rate(cap)
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    total = total if total > 0 else None  # some containers do not say
     if on_frame:
-        on_frame(0, total if total > 0 else None)
-    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+        on_frame(0, total)
     writers: list = []
     frames, t0, size = 0, time.perf_counter(), (0, 0)
     with _no_clobber(job), contextlib.ExitStack() as stack:
@@ -274,24 +270,18 @@ def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_f
                 ok, frame = cap.read()
                 if not ok:
                     break
-                h, w = frame.shape[:2]
                 if not writers:
                     # Opened on the first frame: decoded frames (auto-rotated) are the truth, not the header.
+                    h, w = frame.shape[:2]
                     size = (w, h)
-                    writers.append(cv2.VideoWriter(opencv_name(tmp), fourcc, fps, (w, h)))
-                    if ptmp is not None:
-                        writers.append(cv2.VideoWriter(opencv_name(ptmp), fourcc, fps, (2 * w, h)))
-                    if not all(wr.isOpened() for wr in writers):
-                        raise UserError(f"{printable(job.dst)}: OpenCV cannot write an mp4v video there")
-                rgb = np.ascontiguousarray(frame[..., ::-1])
-                sharp = to_image(model.apply(to_tensor(rgb), tile, overlap))
-                sharp_bgr = np.ascontiguousarray(sharp[..., ::-1])
+                    _open_writers(writers, job, tmp, ptmp, fps, size)
+                sharp_bgr = _sharpen_bgr(model, frame, tile, overlap)
                 writers[0].write(sharp_bgr)
                 if ptmp is not None:
                     writers[1].write(np.concatenate([frame, sharp_bgr], axis=1))
                 frames += 1
                 if on_frame:
-                    on_frame(frames, total if total > 0 else None)
+                    on_frame(frames, total)
         finally:
             # Released before atomic_path renames the files, so they are complete.
             for wr in writers:
@@ -299,24 +289,62 @@ def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_f
             cap.release()
         if frames == 0:
             raise UserError(f"{printable(job.src)}: no frame could be decoded")
-        # OpenCV's writer reports failures only as log lines: read what it wrote back before keeping it.
-        for path, dst in ((tmp, job.dst), (ptmp, job.preview)):
-            if path is None:
-                continue
-            count, width, height = _video_info(path)
-            # Some containers give an estimated count (duration x fps): allow a frame or 1% off.
-            if count < frames - max(1, frames // 100):
-                raise UserError(
-                    f"{printable(dst)}: OpenCV's writer failed ({count} of {frames} frames could be read "
-                    "back); nothing was kept (is the disk full?)"
-                )
-            if path == tmp and (width, height) != size:
-                notes.append(
-                    f"{size[0]}x{size[1]} written as {width}x{height} (the mp4v codec needs even sides)"
-                )
+        notes += _check_written(job, tmp, ptmp, frames, size)
     secs = time.perf_counter() - t0
     notes.insert(0, f"{frames} frames at {fps:g} fps, {frames / secs:.1f} frames/s")
     return "; ".join(notes)
+
+
+def _frame_rate(cap) -> tuple[float, list[str]]:
+    """The video's fps and a note when its container does not say it (it is written at 25 fps then)."""
+    import cv2
+
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    if not fps or fps != fps or fps <= 0:  # NaN != NaN
+        return 25.0, ["frame rate unknown, written at 25 fps"]
+    return fps, []
+
+
+def _open_writers(writers: list, job: Job, tmp: Path, ptmp: Path | None, fps: float, size: tuple[int, int]):
+    """mp4v writers for the output (and the side-by-side preview), added to `writers` one by one so
+    that the caller releases whichever were opened when one fails."""
+    import cv2
+
+    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+    w, h = size
+    writers.append(cv2.VideoWriter(opencv_name(tmp), fourcc, fps, (w, h)))
+    if ptmp is not None:
+        writers.append(cv2.VideoWriter(opencv_name(ptmp), fourcc, fps, (2 * w, h)))
+    if not all(wr.isOpened() for wr in writers):
+        raise UserError(f"{printable(job.dst)}: OpenCV cannot write an mp4v video there")
+
+
+def _sharpen_bgr(model: InferenceModel, frame: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+    """One OpenCV (BGR) frame through the model, back as BGR."""
+    rgb = np.ascontiguousarray(frame[..., ::-1])
+    sharp = to_image(model.apply(to_tensor(rgb), tile, overlap))
+    return np.ascontiguousarray(sharp[..., ::-1])
+
+
+def _check_written(job: Job, tmp: Path, ptmp: Path | None, frames: int, size: tuple[int, int]) -> list[str]:
+    """Notes on the written videos, read back; UserError when a writer lost frames.
+
+    OpenCV's writer reports failures only as log lines: what it wrote is read back before it is kept.
+    """
+    notes = []
+    for path, dst in ((tmp, job.dst), (ptmp, job.preview)):
+        if path is None:
+            continue
+        count, width, height = _video_info(path)
+        # Some containers give an estimated count (duration x fps): allow a frame or 1% off.
+        if count < frames - max(1, frames // 100):
+            raise UserError(
+                f"{printable(dst)}: OpenCV's writer failed ({count} of {frames} frames could be read "
+                "back); nothing was kept (is the disk full?)"
+            )
+        if path == tmp and (width, height) != size:
+            notes.append(f"{size[0]}x{size[1]} written as {width}x{height} (the mp4v codec needs even sides)")
+    return notes
 
 
 def _video_info(path: Path) -> tuple[int, int, int]:
@@ -365,12 +393,7 @@ def sharpen_paths(
 
     out = console or Console()
     err = Console(stderr=True)
-    d_tile, d_overlap = default_tiling()
-    tile, overlap = tile or d_tile, d_overlap if overlap is None else overlap
-    if tile < 16:
-        raise UserError(f"--tile must be at least 16, got {tile}")
-    if not 0 <= overlap < tile:
-        raise UserError(f"--overlap must be at least 0 and smaller than the tile ({tile}), got {overlap}")
+    tile, overlap = _checked_tiling(tile, overlap)
     model = load_model(model_path, device)  # a missing model is one clear UserError, before any work
     found, errors, notes = expand_inputs(inputs)
     single_file = len(inputs) == 1 and len(found) == 1 and Path(inputs[0]).is_file()
@@ -395,18 +418,7 @@ def sharpen_paths(
         for job in jobs:
             progress.update(files_task, description=escape(printable(job.src.name)))
             try:
-                if job.video:
-                    frames_task = progress.add_task("  frames", total=None)
-
-                    def on_frame(n, total, t=frames_task):
-                        progress.update(t, completed=n, total=total)
-
-                    try:
-                        note = sharpen_video(model, job, tile, overlap, on_frame)
-                    finally:
-                        progress.remove_task(frames_task)
-                else:
-                    note = sharpen_image(model, job, tile, overlap)
+                note = _sharpen_job(model, job, tile, overlap, progress)
                 done += 1
                 extra = f" ({note})" if note else ""
                 progress.console.print(
@@ -424,3 +436,29 @@ def sharpen_paths(
         summary += f"; {failed} failed (see the errors above)"
     out.print(summary)
     return 1 if failed else 0
+
+
+def _checked_tiling(tile: int | None, overlap: int | None) -> tuple[int, int]:
+    """--tile / --overlap, each defaulting to default_tiling(); UserError when out of range."""
+    d_tile, d_overlap = default_tiling()
+    tile, overlap = tile or d_tile, d_overlap if overlap is None else overlap
+    if tile < 16:
+        raise UserError(f"--tile must be at least 16, got {tile}")
+    if not 0 <= overlap < tile:
+        raise UserError(f"--overlap must be at least 0 and smaller than the tile ({tile}), got {overlap}")
+    return tile, overlap
+
+
+def _sharpen_job(model: InferenceModel, job: Job, tile: int, overlap: int, progress) -> str:
+    """One image or video; a video shows its frames as a second bar while it runs."""
+    if not job.video:
+        return sharpen_image(model, job, tile, overlap)
+    frames_task = progress.add_task("  frames", total=None)
+
+    def on_frame(n, total):
+        progress.update(frames_task, completed=n, total=total)
+
+    try:
+        return sharpen_video(model, job, tile, overlap, on_frame)
+    finally:
+        progress.remove_task(frames_task)
