@@ -137,6 +137,53 @@ def bench(
             console.print(f"wrote {json_path}", markup=False)
 
 
+profile_app = typer.Typer(
+    help="Experiment profiles (profiles/*.yaml): overlays of params.yaml queued as DVC experiments.",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
+
+ProfileFile = Annotated[Path, typer.Argument(help="A profile, e.g. profiles/reference.yaml.")]
+
+
+@profile_app.command("queue")
+def profile_queue(
+    profile: ProfileFile,
+    arm: Annotated[
+        list[str] | None, typer.Option("--arm", help="Only this arm (repeatable; default: all).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and print the commands; queue nothing.")
+    ] = False,
+) -> None:
+    """Validate every arm against params.yaml, then `dvc exp run --queue` each (same-named ones replaced)."""
+    from sharpkd.profiles import load_profile, queue
+
+    with _user_errors():
+        queue(load_profile(profile), arm, dry_run=dry_run)
+
+
+@profile_app.command("run")
+def profile_run(
+    profiles: Annotated[list[Path], typer.Argument(help="One or more profiles, queued together.")],
+    jobs: Annotated[
+        int | None, typer.Option(help="Experiments at once (default: the first profile's `jobs`).", min=1)
+    ] = None,
+) -> None:
+    """Queue every arm of the profiles, then run the queue (`dvc exp run --run-all -j JOBS`)."""
+    import subprocess
+
+    from sharpkd.profiles import load_profile, queue
+
+    with _user_errors():
+        loaded = [load_profile(p) for p in profiles]
+        for p in loaded:
+            queue(p)
+    raise typer.Exit(
+        subprocess.run(["dvc", "exp", "run", "--run-all", "-j", str(jobs or loaded[0].jobs)]).returncode
+    )
+
+
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=1, max=65535)] = 5000,

@@ -233,51 +233,56 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it in the dataclass's form."""
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
-    origin = typing.get_origin(tp)
     wrong = ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        # Compare types too: bool is an int subclass (true == 1) and 4.0 == 4, neither may pass as the int 4.
-        if not any(type(value) is type(a) and value == a for a in allowed):
-            raise wrong
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise wrong
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise wrong
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise wrong
-        vt = typing.get_args(tp)[1]
-        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise wrong
-        if not math.isfinite(value):  # YAML's .nan would slip through every range check
-            raise ConfigError(f"params: '{key}' must be a finite number, got {value!r}")
-        return float(value)
+    convert = {Literal: _literal, tuple: _sequence, dict: _mapping}.get(typing.get_origin(tp), _scalar)
+    return convert(value, tp, key, wrong)
+
+
+def _literal(value: Any, tp: Any, key: str, wrong: ConfigError) -> Any:
+    # Compare types too: bool is an int subclass (true == 1) and 4.0 == 4, neither may pass as the int 4.
+    if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
+        raise wrong
+    return value
+
+
+def _sequence(value: Any, tp: Any, key: str, wrong: ConfigError) -> tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, list | tuple):
+        raise wrong
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise wrong
+    return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+
+
+def _mapping(value: Any, tp: Any, key: str, wrong: ConfigError) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise wrong
+    vt = typing.get_args(tp)[1]
+    return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+
+
+def _scalar(value: Any, tp: Any, key: str, wrong: ConfigError) -> Any:
     if tp is str:
         if value is None:
             return ""
         if not isinstance(value, str):
             raise wrong
         return value
-    raise TypeError(f"unsupported annotation {tp} for {key}")
+    if tp not in (bool, int, float):
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    # bool is an int subclass: true is not the integer 1, nor a number; an int is not a bool.
+    allowed = {bool: (bool,), int: (int,), float: (int, float)}[tp]
+    if not isinstance(value, allowed) or (tp is not bool and isinstance(value, bool)):
+        raise wrong
+    if tp is float:
+        if not math.isfinite(value):  # YAML's .nan would slip through every range check
+            raise ConfigError(f"params: '{key}' must be a finite number, got {value!r}")
+        return float(value)
+    return value
 
 
 # Keys that were renamed: an old `dvc exp run -S` command or params.yaml gets one line naming the new key.
@@ -431,14 +436,19 @@ def params_from_dict(raw: Any) -> Params:
     return params
 
 
+def read_yaml(path: Path, what: str, error: type[UserError] = UserError, hint: str = "") -> Any:
+    """A YAML file's content; a missing or malformed file is `error` naming `what` and the path."""
+    if not path.is_file():
+        raise error(f"{what}: {path} not found{hint}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{what}: {path} is not valid YAML: {exc}") from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params: {path} not found (run from the repository root)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"params: {path} is not valid YAML: {exc}") from None
+    raw = read_yaml(path, "params", ConfigError, " (run from the repository root)")
     if raw is None:
         raise ConfigError(
             f"params: {path} is empty; it must give every key (see the repository's params.yaml)"
