@@ -467,7 +467,7 @@ def test_zoom_out_input(raw, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "unreadable", "too_small"])
 def test_bad_unlabeled_folder_fails_before_any_work(case, raw, tmp_path, monkeypatch):
-    import stages.degrade as stage
+    import sharpkd.data.pairs as stage  # where degrade's work is done
 
     folder = tmp_path / "footage"
     if case == "file":

@@ -1,7 +1,7 @@
 """Training batches and validation images read from the degrade / cache_teacher outputs.
 
 Training data are whole images, each kind stored as one flat memory-mapped array per
-quantity (docs/architecture.md): the labelled images (HR, clean LR, the student's degraded
+quantity (the flat image store, data/store.py; docs/architecture.md): the labelled images (HR, clean LR, the student's degraded
 input; the teacher's output and LR-grid features) and the teacher-only inputs (no HR: the
 teacher's input, the student's input, the teacher's output and features). A batch is
 `patch_size` (data.patch_size) crops drawn at random from them, aligned on the LR grid (the HR crop
@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sharpkd.data.store import open_images
 from sharpkd.errors import UserError
 from sharpkd.images import read_rgb
 
@@ -71,31 +72,17 @@ class ImagePool:
 
     def __init__(self, name: str, lr_sizes: np.ndarray, scale: int, arrays: dict[str, np.ndarray]):
         self.name, self.scale, self.lr_sizes = name, scale, lr_sizes
-        self.arrays, self.offsets, self.channels = {}, {}, {}
-        pixels = lr_sizes.prod(axis=1)
-        for key, flat in arrays.items():
-            per_image = pixels if key in LR_GRID else pixels * scale * scale
-            total = int(per_image.sum())
-            if flat.ndim != 1 or total == 0 or len(flat) % total:
-                raise UserError(
-                    f"{name} images: {key} holds {flat.size} values, not a whole number of channels for "
-                    f"{len(lr_sizes)} images of {total} pixels; rerun `dvc repro` from degrade"
-                )
-            c = len(flat) // total
-            self.arrays[key], self.channels[key] = flat, c
-            self.offsets[key] = np.concatenate([[0], np.cumsum(per_image * c)])
+        self.stores = {
+            key: open_images(flat, lr_sizes, 1 if key in LR_GRID else scale, what=f"{name} images: {key}")
+            for key, flat in arrays.items()
+        }
+        self.arrays = {key: store.flat for key, store in self.stores.items()}
+        self.channels = {key: store.channels for key, store in self.stores.items()}
         # One HxWxC view per image and key, made once (plain ndarrays over the memory maps: no copy).
-        self.views = {key: [self._view(key, i) for i in range(len(lr_sizes))] for key in self.arrays}
+        self.views = {key: [store.view(i) for i in range(len(store))] for key, store in self.stores.items()}
 
     def __len__(self) -> int:
         return len(self.lr_sizes)
-
-    def _view(self, key: str, i: int) -> np.ndarray:
-        h, w = (int(v) for v in self.lr_sizes[i])
-        if key not in LR_GRID:
-            h, w = h * self.scale, w * self.scale
-        a, b = self.offsets[key][i], self.offsets[key][i + 1]
-        return np.asarray(self.arrays[key][a:b]).reshape(h, w, self.channels[key])
 
     def image(self, key: str, i: int) -> np.ndarray:
         """Image `i` of `key` as an HxWxC view (no copy)."""
