@@ -26,7 +26,6 @@ from sharpkd.bench import (
 from sharpkd.config import load_params
 from sharpkd.errors import UserError
 from sharpkd.files import write_json
-from sharpkd.sharpen import default_tiling
 
 
 def main() -> int:
@@ -40,10 +39,9 @@ def main() -> int:
     args = ap.parse_args()
     console = Console()
     teacher = not args.no_teacher and (TEACHER_DIR / "teacher.json").is_file()
-    tile, overlap = default_tiling()
     try:
         params = load_params()
-        result = run_bench(None, teacher, args.sizes, args.repeats, tile=tile, overlap=overlap)
+        result = run_bench(None, teacher, args.sizes, args.repeats)  # tiling: params.yaml's infer
         s, d = params.data.scale, params.distill
         result["training"] = student_training_speed(
             s, params.student.channels, params.student.blocks, params.data.patch_size, d.batch_size

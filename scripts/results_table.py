@@ -5,7 +5,8 @@ Usage: python scripts/results_table.py NAME=LABEL [NAME=LABEL ...] [--readme REA
 Each NAME is a DVC experiment (an arm: e.g. ref-baseline, ref-distill, ref-upcycle from `make reference`),
 LABEL what the row calls it. Rows: bicubic, the teacher, then the student of every arm; columns:
 PSNR / SSIM / LPIPS (null -> n/a) per evaluated set (extra sets such as Set5 or Manga109 first, the
-validation split last; an arm without a set shows n/a), parameters, ms per 1080p frame. Below the
+validation split last; an arm without a set shows n/a), parameters, ms per 1080p frame (eval.json's
+`speed.<method>.<runtime>_<device>.1080p.ms`). Below the
 table: each arm's student PSNR against the first arm's, training time, and the command that made each
 arm (the `-S` values all arms share, then each arm's own, both against the workspace's params.yaml).
 With --readme, the table replaces what stands between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`.
@@ -34,12 +35,33 @@ def experiment_rows(names: list[str]) -> dict[str, dict]:
     for row in rows:
         name = row.get("Experiment")
         if name in names and name not in found:
-            # exp_show prefixes a column with its file only when two files share the key.
-            found[name] = {k.split(":", 1)[-1]: v for k, v in row.items()}
+            found[name] = columns(row)
     missing = [n for n in names if n not in found]
     if missing:
         raise SystemExit(f"error: no DVC experiment named {', '.join(missing)} (see `dvc exp show`)")
     return found
+
+
+def columns(row: dict) -> dict:
+    """An exp_show row with the file prefixes dropped. exp_show prefixes a column with its file only when two
+    files share the key (eval.json and export.json both time the student in torch on the CPU, say): then
+    eval.json's value is the one kept."""
+    out: dict = {}
+    for key, value in row.items():
+        file, sep, name = key.partition(":")
+        name = name if sep else file
+        if name not in out or file.endswith("eval.json"):
+            out[name] = value
+    return out
+
+
+def ms_1080p(m: dict, method: str):
+    """A method's ms per 1080p frame as evaluate timed it (sharpkd.evaluation.speed_name: on timing.device)."""
+    from sharpkd.evaluation import speed_name
+    from sharpkd.timing import speed_key
+
+    device = str(m.get("timing.device") or "cpu").split(":")[0]
+    return m.get(speed_key(speed_name(method, device)))
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -135,7 +157,7 @@ def build_table(arms: list[tuple[str, str, dict]], defaults: dict | None = None)
             for s in sets
         ]
         params = _num(m.get(f"{method}.params"))
-        cells += [f"{int(params):,}" if params is not None else "", _fmt(m.get(f"{method}.ms_1080p"), 0)]
+        cells += [f"{int(params):,}" if params is not None else "", _fmt(ms_1080p(m, method), 0)]
         lines.append("| " + " | ".join([label, *cells]) + " |")
 
     base_name = arms[0][0]

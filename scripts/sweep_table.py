@@ -39,16 +39,24 @@ def sweep_experiments(names: list[str], prefix: str) -> dict[str, dict]:
     return found
 
 
+def ms_key(precision: str) -> str:
+    """The key of the ONNX Runtime CPU figure of one precision (fp32, int8) on a 1080p frame (sharpkd.timing)."""
+    from sharpkd.timing import figure_name, speed_key
+
+    return speed_key(figure_name("student", "onnxruntime", "cpu", precision))
+
+
 def measure(scale: int, channels: int, blocks: int, threads: int, repeats: int) -> dict[str, float]:
-    """ms per 1080p frame of the exported float32 and INT8 student of this size (random weights)."""
+    """The figures (sharpkd.timing keys) of the exported float32 and INT8 student of this size (random weights)
+    on a 1080p frame."""
     import numpy as np
     import torch
 
-    from sharpkd.export import FRAME_1080P, export_onnx
+    from sharpkd import timing
+    from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
     from sharpkd.quantize import quantize_student
-    from sharpkd.runtime import OnnxFunction, ort_session
-    from sharpkd.timing import time_ms
+    from sharpkd.runtime import onnx_target
 
     torch.manual_seed(0)
     model = Student(scale=scale, channels=channels, blocks=blocks).eval()
@@ -59,19 +67,13 @@ def measure(scale: int, channels: int, blocks: int, threads: int, repeats: int) 
         for p in model.parameters():
             if p.dim() == 1:
                 p.normal_(0, 1e-2)
-    x = torch.rand(1, 3, *FRAME_1080P, generator=torch.Generator().manual_seed(0))
     rng = np.random.default_rng(0)
     calibration = [rng.random((1, 3, 96, 96), dtype=np.float32) for _ in range(8)]
-    out = {}
     with tempfile.TemporaryDirectory(prefix="sharpkd-sweep-") as tmp:
         fp32 = export_onnx(model, Path(tmp) / "s.onnx")
         int8 = Path(tmp) / "s_int8.onnx"
         quantize_student(fp32, int8, calibration)
-        for key, path in (("fp32", fp32), ("int8", int8)):
-            fn = OnnxFunction(ort_session(path, "cpu", threads))
-            out[key] = time_ms(lambda fn=fn: fn(x), repeats)
-            del fn
-    return out
+        return timing.measure([onnx_target(fp32, "cpu", threads), onnx_target(int8, "cpu", threads)], repeats)
 
 
 def _num(v) -> float | None:
@@ -100,8 +102,8 @@ def build_rows(exps: dict[str, dict], speeds: dict[tuple[int, int], dict]) -> li
                 "params": _num(m.get("student.params")),
                 "psnr_fp32": _num(m.get(f"{QUALITY_SET}.student.psnr")),
                 "psnr_int8": _num(m.get(f"int8.{QUALITY_SET}.psnr_int8")),
-                "ms_fp32": speeds[size]["fp32"],
-                "ms_int8": speeds[size]["int8"],
+                "ms_fp32": speeds[size][ms_key("fp32")],
+                "ms_int8": speeds[size][ms_key("int8")],
                 # train.json had no precision before CPU bf16 training existed; those runs were fp32.
                 "train_precision": m.get("precision") if m.get("precision") not in (None, "None") else "fp32",
                 "train_minutes": None if _num(m.get("seconds")) is None else _num(m["seconds"]) / 60,

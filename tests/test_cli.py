@@ -52,10 +52,14 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, tiny_pth):
         assert text in res.output, text
     data = json.loads(out.read_text())
     figures = data["figures"]
-    assert figures["student.torch_cpu.64x48.ms"] > 0
-    assert figures["student.onnxruntime_cpu.40x40.fps"] > 0
+    assert figures["speed.student.torch_cpu.64x48.ms"] > 0
+    assert figures["speed.student.onnxruntime_cpu.40x40.fps"] > 0
     assert data["torch_threads"] == torch.get_num_threads()
     assert {r["size"] for r in data["rows"]} == {"64x48", "40x40"}
+    assert {(r["height"], r["width"]) for r in data["rows"]} == {
+        (48, 64),
+        (40, 40),
+    }  # WxH on the command line
 
 
 def test_bench_onnx_only(tmp_path, tiny_pth):

@@ -23,9 +23,9 @@ from helpers import (
 )
 from sharpkd.data.evalsets import extra_set_images
 from sharpkd.errors import UserError
+from sharpkd.evaluation import METHODS, SetResult, score_set
 from sharpkd.images import save_image
 from stages import evaluate
-from stages.evaluate import METHODS, SetResult, score_set
 
 torch.set_num_threads(1)
 
@@ -109,9 +109,13 @@ def test_evaluate_writes_everything(pipeline, tmp_path, offline_lpips):
     assert "lpips_reason" in ev and "alexnet" in ev["lpips_reason"]
     # speed and cost, with where they were measured
     assert ev["student.params"] > 0 and ev["student.gmacs_1080p"] > 0
-    assert ev["student.ms_1080p"] > 0 and ev["teacher.ms_1080p"] > 0 and ev["bicubic.ms_1080p"] > 0
-    assert ev["speedup"] == pytest.approx(ev["teacher.ms_1080p"] / ev["student.ms_1080p"], rel=0.01)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    student, teacher = f"speed.student.torch_{dev}.1080p", f"speed.teacher.torch_{dev}.1080p"
+    assert ev[f"{student}.ms"] > 0 and ev[f"{teacher}.ms"] > 0 and ev["speed.bicubic.resize_cpu.1080p.ms"] > 0
+    assert ev[f"{student}.fps"] == pytest.approx(1000 / ev[f"{student}.ms"], rel=0.01)
+    assert ev["speedup"] == pytest.approx(ev[f"{teacher}.ms"] / ev[f"{student}.ms"], rel=0.01)
     assert ev["timing.device"].startswith(("cpu: ", "cuda: ")) and ev["timing.torch_threads"] >= 1
+    assert not [k for k in ev if "ms_1080p" in k]  # every speed figure under the one key scheme
     assert ev["teacher.architecture"] == "EDSR-sharpkd"
 
     # bad input: each problem named, recorded, and the rest evaluated
@@ -144,7 +148,7 @@ def test_evaluate_writes_everything(pipeline, tmp_path, offline_lpips):
     qs = pd.read_csv(out / "quality_speed.csv")
     assert list(qs.columns) == ["set", "method", "psnr", "ssim", "ms_1080p"] and len(qs) == 3 * 4
     row = qs[(qs.set == "valid") & (qs.method == "student")].iloc[0]
-    assert row.psnr == ev["valid.student.psnr"] and row.ms_1080p == ev["student.ms_1080p"]
+    assert row.psnr == ev["valid.student.psnr"] and row.ms_1080p == ev[f"{student}.ms"]
     pngs = sorted(p.name for p in (out / "compare").glob("*.png"))
     assert len(pngs) == 4 and {"broken_00_fine.png", "good_00_a.png", "quality_speed.png"} < set(pngs)
     assert any(p.startswith("valid_00_") for p in pngs)
@@ -167,19 +171,18 @@ def test_teacher_timing_can_be_skipped(pipeline, tmp_path):
         out,
         eval={"lpips": False, "teacher_speed_repeats": 0, "compare_images": 0, "speed_repeats": 1},
     )
-    assert (
-        ev["teacher.ms_1080p"] is None
-        and "teacher_speed_repeats" in ev["teacher.ms_reason"]
-        and ev["speedup"] is None
-    )
-    assert ev["student.ms_1080p"] > 0 and ev["problems"] == 0
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = f"speed.teacher.torch_{dev}.1080p"
+    assert ev[f"{teacher}.ms"] is None and ev[f"{teacher}.fps"] is None and ev["speedup"] is None
+    assert "teacher_speed_repeats" in ev[f"{teacher}.reason"]
+    assert ev[f"speed.student.torch_{dev}.1080p.ms"] > 0 and ev["problems"] == 0
     assert "not requested" in ev["lpips_reason"] and ev["valid.student.lpips"] is None
     assert sorted(p.name for p in (out / "compare").iterdir()) == ["quality_speed.png"]
 
 
 def test_bad_set_name_is_refused_before_any_output(pipeline, tmp_path):
     out = tmp_path / "m"
-    for bad in ("Set.5", "valid"):
+    for bad in ("Set.5", "valid", "speed"):
         with pytest.raises(UserError, match=f"eval.sets.{bad}"):
             _run(pipeline, out, eval={"sets": {bad: str(tmp_path)}, "lpips": False})
     assert not out.exists()

@@ -93,10 +93,14 @@ def test_export_writes_models_parity_speed_and_card(workspace):
     assert saved["parity.torchscript.max_abs"] <= 1e-4
     fp16 = saved["parity.onnx_fp16.max_abs"]
     assert (fp16 is not None and fp16 < 1e-2) or saved["parity.onnx_fp16.reason"]
-    assert saved["speed.onnx_cpu.ms_1080p"] > 0 and saved["speed.onnx_cpu.fps_1080p"] > 0
-    assert saved["speed.torch_threads"] == torch.get_num_threads()
-    if saved["speed.onnx_cuda.ms_1080p"] is None:
-        assert "CUDA" in saved["speed.onnx_cuda.reason"]
+    for name in ("torch_cpu", "torchscript_cpu", "onnxruntime_cpu"):
+        assert saved[f"speed.student.{name}.1080p.ms"] > 0 and saved[f"speed.student.{name}.1080p.fps"] > 0
+    assert saved["timing.torch_threads"] == torch.get_num_threads() and saved["timing.repeats"] == 1
+    assert saved["speed.student.onnxruntime_cpu_int8.1080p.ms"] is None
+    assert saved["speed.student.onnxruntime_cpu_int8.1080p.reason"] == "export.int8 is false"
+    if saved["speed.student.onnxruntime_cuda.1080p.ms"] is None:
+        assert "CUDA" in saved["speed.student.onnxruntime_cuda.1080p.reason"]
+    assert not [k for k in saved if "ms_1080p" in k]  # every speed figure under the one key scheme
 
     card = json.loads((out / "model_card.json").read_text())
     assert card["architecture"]["scale"] == 2 and card["params"] == saved["params"]
@@ -106,7 +110,12 @@ def test_export_writes_models_parity_speed_and_card(workspace):
     assert card["params_used"]["export.speed_repeats"] == 1
     assert card["evaluation"]["valid.student.psnr"] == 26.5
     md = (out / "model_card.md").read_text()
-    for text in ("Intended use", "Limits", "EDSR-sharpkd", "| valid | student | 26.5 | 0.8 |", "onnx_cpu"):
+    assert (
+        card["speed"]["speed.student.onnxruntime_cpu.1080p.ms"]
+        == saved["speed.student.onnxruntime_cpu.1080p.ms"]
+    )
+    ort_row = f"| student | onnxruntime_cpu | {saved['speed.student.onnxruntime_cpu.1080p.ms']:.6g} |"
+    for text in ("Intended use", "Limits", "EDSR-sharpkd", "| valid | student | 26.5 | 0.8 |", ort_row):
         assert text in md, text
 
     names = [c[0] for c in tracker.calls]
@@ -181,7 +190,7 @@ def test_int8_model_is_calibrated_timed_and_scored(workspace):
     assert metrics["int8.calibration_images"] == 8 and json.loads(metrics["int8.quantized_ops"])["Conv"] == 3
     # The tiny student barely differs from its input, so INT8 costs next to nothing here.
     assert metrics["int8.valid.psnr_fp32"] > 20 and abs(metrics["int8.valid.psnr_cost"]) < 0.2
-    assert metrics["speed.onnx_int8_cpu.ms_1080p"] > 0 and metrics["speed.int8_speedup"] > 0
+    assert metrics["speed.student.onnxruntime_cpu_int8.1080p.ms"] > 0 and metrics["int8.speedup"] > 0
     # What sharpkd sharpen runs: the INT8 file loads like any exported model and agrees with float32.
     x = torch.rand(1, 3, 37, 29)  # noise: further from the calibration crops than any photo
     fp32 = load_model(workspace / "models/export/student.onnx")

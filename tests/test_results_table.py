@@ -33,13 +33,14 @@ def _arm(student: float, manga: float | None = None, **params) -> dict:
         "teacher.architecture": "PAN",
         "teacher.params": 272419,
         "student.params": 64720,
-        "student.ms_1080p": 220.4,
+        "speed.student.torch_cpu.1080p.ms": 220.4,
+        "speed.bicubic.resize_cpu.1080p.ms": 9.6,
         "seconds": 3000.0,
         "steps": 24000,
         "timing.device": "cpu: AMD EPYC",
         "timing.torch_threads": 1,
         "data.source": "folder",
-        "data.upcycle": [],
+        "data.teacher_only.upcycle": [],
         "distill.teacher": True,
         "distill.steps": 24000,
         "eval.sets.Set5": "/shared/testsets/Set5/HR",
@@ -56,7 +57,7 @@ def test_a_row_per_arm_and_gains_against_the_first(table):
         (
             "ref-upcycle",
             "distilled + upcycled",
-            _arm(31.20, manga=25.5, **{"data.upcycle": ["zoom_in", "zoom_out"]}),
+            _arm(31.20, manga=25.5, **{"data.teacher_only.upcycle": ["zoom_in", "zoom_out"]}),
         ),
     ]
     defaults = table.flat(repo_params_dict())
@@ -72,6 +73,10 @@ def test_a_row_per_arm_and_gains_against_the_first(table):
         "student, distilled + upcycled (`ref-upcycle`)",
     ]
     assert "n/a / n/a / n/a" in rows[0] and "25.50 / 0.8000 / n/a" in rows[2]  # no Manga109 in the first arm
+    # ms per 1080p frame: each method's figure of eval.json, timed on timing.device
+    assert rows[0].endswith("| 64,720 | 220 |") and "| 10 |" in next(
+        x for x in lines if x.startswith("| bicubic")
+    )
     assert "| teacher (PAN) | n/a / n/a / n/a | 32.14 / 0.8900 / n/a" in text
     assert "- `ref-distill`: n/a on Manga109, +0.06 dB on Set5, +0.06 dB on valid" in text
     assert "- `ref-upcycle`: n/a on Manga109, +0.24 dB on Set5" in text
@@ -85,8 +90,32 @@ def test_a_row_per_arm_and_gains_against_the_first(table):
     assert "-S ++eval.sets.Set5=/shared/testsets/Set5/HR" in common
     assert "- `ref-baseline`: `-S distill.teacher=false`" in text
     assert "- `ref-distill`: nothing more" in text
-    assert "- `ref-upcycle`: `-S data.upcycle=[zoom_in,zoom_out]`" in text
+    assert "- `ref-upcycle`: `-S data.teacher_only.upcycle=[zoom_in,zoom_out]`" in text
     assert text.endswith("ms on cpu: AMD EPYC, 1 torch threads.")
+
+
+def test_columns_prefer_eval_json_where_files_share_a_key(table):
+    """eval.json and export.json both time the student in torch on the CPU: the table shows evaluate's."""
+    for order in (1, -1):
+        row = dict(
+            list(
+                {
+                    "Experiment": "ref-distill",
+                    "metrics/eval.json:speed.student.torch_cpu.1080p.ms": 40.0,
+                    "metrics/export.json:speed.student.torch_cpu.1080p.ms": 50.0,
+                    "speed.student.onnxruntime_cpu.1080p.ms": 30.0,
+                    "timing.device": "cpu: AMD EPYC",
+                }.items()
+            )[::order]
+        )
+        cols = table.columns(row)
+        assert cols["speed.student.torch_cpu.1080p.ms"] == 40.0 and cols["Experiment"] == "ref-distill"
+        assert cols["speed.student.onnxruntime_cpu.1080p.ms"] == 30.0
+        assert table.ms_1080p(cols, "student") == 40.0 and table.ms_1080p(cols, "teacher") is None
+    assert (
+        table.ms_1080p({"timing.device": "cuda: H200", "speed.student.torch_cuda.1080p.ms": 2.0}, "student")
+        == 2.0
+    )
 
 
 def test_readme_block_replaced(table):

@@ -29,7 +29,9 @@ def test_rows_and_table_from_experiment_metrics(tmp_path):
             "Set5.student.psnr": 31.0, "int8.Set5.psnr_int8": "-",
         },
     }  # fmt: skip
-    speeds = {(48, 4): {"fp32": 200.0, "int8": 90.0}, (32, 4): {"fp32": 110.0, "int8": 60.0}}
+    fp32, int8 = "speed.student.onnxruntime_cpu.1080p.ms", "speed.student.onnxruntime_cpu_int8.1080p.ms"
+    assert (sweep_table.ms_key("fp32"), sweep_table.ms_key("int8")) == (fp32, int8)
+    speeds = {(48, 4): {fp32: 200.0, int8: 90.0}, (32, 4): {fp32: 110.0, int8: 60.0}}
     rows = sweep_table.build_rows(exps, speeds)
     assert [r["experiment"] for r in rows] == ["sweep-plain-32x4", "sweep-rep-48x4"]
     assert rows[0]["psnr_int8"] is None and rows[1]["ms_int8"] == 90.0
@@ -48,5 +50,8 @@ def test_rows_and_table_from_experiment_metrics(tmp_path):
 
 
 def test_speed_is_measured_for_real():
-    ms = sweep_table.measure(scale=2, channels=8, blocks=1, threads=1, repeats=1)
-    assert set(ms) == {"fp32", "int8"} and all(v > 0 for v in ms.values())
+    figures = sweep_table.measure(scale=2, channels=8, blocks=1, threads=1, repeats=1)
+    assert set(figures) == {
+        f"speed.student.onnxruntime_cpu{p}.1080p.{f}" for p in ("", "_int8") for f in ("ms", "fps")
+    }
+    assert all(v > 0 for v in figures.values())

@@ -13,16 +13,24 @@ import copy
 import re
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sharpkd.errors import UserError
-from sharpkd.timing import cpu_name, time_ms
+from sharpkd.timing import (
+    SIZES,
+    Target,
+    cpu_name,
+    figure_name,
+    frame,
+    speed_figures,
+    tiled_target,
+    time_ms,
+    time_target,
+    torch_target,
+)
 
-SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "4k": (3840, 2160), "2160p": (3840, 2160)}
 DEFAULT_SIZES = "720p,1080p,4k"
 STUDENT_PTH = Path("models/student/student.pth")
 STUDENT_ONNX = Path("models/export/student.onnx")
@@ -30,7 +38,7 @@ TEACHER_DIR = Path("models/teacher")
 
 
 def parse_sizes(text: str) -> list[tuple[str, int, int]]:
-    """'720p,1080p,4k' or 'WxH' items -> [(label, width, height)]."""
+    """'720p,1080p,4k' or 'WxH' items -> [(label, height, width)]."""
     out = []
     for token in (t.strip().lower() for t in text.split(",")):
         if not token:
@@ -38,7 +46,7 @@ def parse_sizes(text: str) -> list[tuple[str, int, int]]:
         if token in SIZES:
             out.append((token, *SIZES[token]))
         elif m := re.fullmatch(r"(\d+)x(\d+)", token):
-            out.append((token, int(m[1]), int(m[2])))
+            out.append((token, int(m[2]), int(m[1])))
         else:
             raise UserError(f"--sizes: unknown size {token!r} (use {', '.join(SIZES)} or WxH, e.g. 640x360)")
     if not out:
@@ -46,79 +54,76 @@ def parse_sizes(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-@dataclass
-class Target:
-    """One thing to time: `make(x)` returns a zero-argument callable running one frame `x` (1,3,H,W on the CPU)."""
-
-    model: str  # student | teacher
-    runtime: str  # torch | torchscript | onnxruntime
-    device: str  # cpu | cuda
-    precision: str  # fp32 | fp16 | int8
-    make: Callable[[torch.Tensor], Callable[[], object]]
-    how: str = "full frame"
-
-    @property
-    def key(self) -> str:
-        return figure_key(self.model, self.runtime, self.device, self.precision)
-
-
-def figure_key(model: str, runtime: str, device: str, precision: str) -> str:
-    """e.g. student.onnxruntime_cpu, student.torch_cuda_fp16 (the prefix of the flat JSON keys)."""
-    prec = "" if precision == "fp32" else f"_{precision}"
-    return f"{model}.{runtime}_{device}{prec}"
-
-
-def _torch_target(
-    model: str, runtime: str, module: torch.nn.Module, device: str, half: bool = False
-) -> Target:
-    def make(x: torch.Tensor):
-        dtype = torch.float16 if half else torch.float32
-
-        @torch.no_grad()
-        def run():
-            return module(x.to(device, dtype)).float().cpu()
-
-        return run
-
-    return Target(model, runtime, device, "fp16" if half else "fp32", make)
-
-
-def _onnx_target(path: Path, device: str, threads: int) -> Target:
-    from sharpkd.runtime import OnnxFunction, ort_session
-
-    fn = OnnxFunction(ort_session(path, device, threads))  # opened now: a bad file fails before any timing
-    # export.py and quantize.py record the precision in the model's metadata (INT8 keeps float32 I/O).
-    recorded = fn.session.get_modelmeta().custom_metadata_map.get("sharpkd.precision")
-    precision = recorded or ("fp16" if fn.dtype.__name__ == "float16" else "fp32")
-    del fn
-
-    def make(x: torch.Tensor):
-        # A session per timing, released after it: an idle session's threads keep spinning for a
-        # while after each run and slow the session being timed.
-        session = OnnxFunction(ort_session(path, device, threads))
-        return lambda: session(x)
-
-    return Target("student", "onnxruntime", device, precision, make)
-
-
 def _teacher_target(device: str, tile: int, overlap: int) -> Target:
-    from sharpkd.inference import tiled_apply
-
     try:
         from sharpkd.models.teacher import load_teacher
     except ImportError as exc:
         raise UserError(f"--teacher: the teacher loader is not available ({exc})") from None
     teacher, info = load_teacher(TEACHER_DIR, device)
     teacher.eval()
-    scale = int(info.get("scale", 4))
-
-    def make(x: torch.Tensor):
-        # The teacher maps the low-resolution image to the full frame: feed it x downscaled.
-        lr = F.interpolate(x, scale_factor=1 / scale, mode="bicubic", antialias=True).clamp(0, 1)
-        return lambda: tiled_apply(teacher, lr, scale=scale, tile=tile, overlap=overlap, device=device)
-
     name = info.get("architecture", "teacher")
-    return Target("teacher", "torch", device, "fp32", make, how=f"{name}, tiled {tile}")
+    return tiled_target(
+        "teacher", teacher, int(info.get("scale", 4)), device, tile, overlap, f"{name}, tiled {tile}"
+    )
+
+
+def _tiling(tile: int | None, overlap: int | None) -> tuple[int, int]:
+    """The given tile and overlap, params.yaml's infer (sharpen.default_tiling) for those not given."""
+    from sharpkd.sharpen import default_tiling
+
+    default_tile, default_overlap = default_tiling()
+    return (default_tile if tile is None else tile, default_overlap if overlap is None else overlap)
+
+
+def _student_files(model_path: Path | None) -> dict[str, Path]:
+    """kind (runtime.model_kind) -> file: the given model, or the pipeline's student and exported model."""
+    from sharpkd.runtime import model_kind
+
+    if model_path is not None:
+        path, kind = model_kind(model_path)
+        return {kind: path}
+    found = {k: p for k, p in (("checkpoint", STUDENT_PTH), ("onnx", STUDENT_ONNX)) if p.is_file()}
+    if not found:
+        raise UserError(
+            f"no student found ({STUDENT_PTH} or {STUDENT_ONNX}); run `dvc repro distill` / `dvc repro export`, "
+            "or pass --model PATH"
+        )
+    return found
+
+
+def _devices() -> list[str]:
+    from sharpkd.runtime import cuda_available
+
+    return ["cpu"] + (["cuda"] if cuda_available() else [])
+
+
+def _torchscript_targets(path: Path) -> list[Target]:
+    from sharpkd.runtime import load_model
+
+    return [torch_target("student", "torchscript", load_model(path, dev).fn, dev) for dev in _devices()]
+
+
+def _checkpoint_targets(student) -> list[Target]:
+    targets = [torch_target("student", "torch", copy.deepcopy(student).to(dev), dev) for dev in _devices()]
+    if "cuda" in _devices():
+        half = copy.deepcopy(student).cuda().half()
+        targets.append(torch_target("student", "torch", half, "cuda", half=True))
+    return targets
+
+
+def _onnx_targets(onnx: Path, threads: int, notes: list[str], with_int8: bool) -> list[Target]:
+    """ONNX Runtime on the CPU (and CUDA); the fp16 file beside it on CUDA, the INT8 one on the CPU."""
+    from sharpkd.runtime import onnx_target, ort_cuda_available
+
+    cuda = ort_cuda_available()
+    targets = [onnx_target(onnx, dev, threads) for dev in ["cpu"] + (["cuda"] if cuda else [])]
+    fp16, int8 = (onnx.with_name(f"{onnx.stem}_{p}.onnx") for p in ("fp16", "int8"))
+    if cuda and fp16.is_file():
+        targets.append(onnx_target(fp16, "cuda", threads))
+    if with_int8 and int8.is_file():  # the export stage's INT8 model, beside the float32 one
+        notes.append(f"int8: {int8}")
+        targets.append(onnx_target(int8, "cpu", threads))
+    return targets
 
 
 @contextlib.contextmanager
@@ -126,59 +131,53 @@ def student_targets(model_path: Path | None, threads: int) -> Iterator[tuple[lis
     """The student's targets for the given model file (or the pipeline's outputs); notes say what was used."""
     from sharpkd.export import export_onnx
     from sharpkd.models.student import load_student
-    from sharpkd.runtime import cuda_available, ort_cuda_available
 
-    devices = ["cpu"] + (["cuda"] if cuda_available() else [])
-    ort_devices = ["cpu"] + (["cuda"] if ort_cuda_available() else [])
+    files = _student_files(model_path)
     notes: list[str] = []
-    targets: list[Target] = []
-    if model_path is None:
-        pth, onnx = (p if p.is_file() else None for p in (STUDENT_PTH, STUDENT_ONNX))
-        if pth is None and onnx is None:
-            raise UserError(
-                f"no student found ({STUDENT_PTH} or {STUDENT_ONNX}); run `dvc repro distill` / `dvc repro export`, "
-                "or pass --model PATH"
-            )
-    else:
-        if not model_path.is_file():
-            raise UserError(f"{model_path}: model not found")
-        suffix = model_path.suffix.lower()
-        if suffix not in (".pth", ".pt", ".onnx"):
-            raise UserError(f"{model_path}: unknown model type '{suffix}' (use .pth, .pt or .onnx)")
-        pth = model_path if suffix == ".pth" else None
-        onnx = model_path if suffix == ".onnx" else None
-        if suffix == ".pt":
-            from sharpkd.runtime import load_model
-
-            for dev in devices:
-                targets.append(_torch_target("student", "torchscript", load_model(model_path, dev).fn, dev))
+    targets = _torchscript_targets(files["torchscript"]) if "torchscript" in files else []
     with tempfile.TemporaryDirectory(prefix="sharpkd-bench-") as tmp:
-        if pth is not None:
-            student = load_student(pth)
-            notes.append(f"student: {pth} {student.arch_kwargs()}")
-            for dev in devices:
-                targets.append(_torch_target("student", "torch", copy.deepcopy(student).to(dev), dev))
-            if "cuda" in devices:
-                targets.append(
-                    _torch_target("student", "torch", copy.deepcopy(student).cuda().half(), "cuda", half=True)
-                )
-        if onnx is None and pth is not None:
-            # No exported model at hand: export one now, so ONNX Runtime is measured too.
-            onnx = export_onnx(student, Path(tmp) / "student.onnx", opset=17)
-            notes.append("onnx: exported on the fly from the checkpoint (opset 17)")
-        elif onnx is not None:
-            notes.append(f"onnx: {onnx}")
+        onnx, exported = files.get("onnx"), False
+        if "checkpoint" in files:
+            student = load_student(files["checkpoint"])
+            notes.append(f"student: {files['checkpoint']} {student.arch_kwargs()}")
+            targets += _checkpoint_targets(student)
+            if onnx is None:  # no exported model at hand: export one now, so ONNX Runtime is measured too
+                onnx, exported = export_onnx(student, Path(tmp) / "student.onnx", opset=17), True
         if onnx is not None:
-            for dev in ort_devices:
-                targets.append(_onnx_target(onnx, dev, threads))
-            fp16 = onnx.with_name(f"{onnx.stem}_fp16.onnx")
-            if "cuda" in ort_devices and fp16.is_file():
-                targets.append(_onnx_target(fp16, "cuda", threads))
-            int8 = onnx.with_name(f"{onnx.stem}_int8.onnx")
-            if model_path is None and int8.is_file():  # the export stage's INT8 model, beside the float32 one
-                notes.append(f"int8: {int8}")
-                targets.append(_onnx_target(int8, "cpu", threads))
+            notes.append(
+                "onnx: exported on the fly from the checkpoint (opset 17)" if exported else f"onnx: {onnx}"
+            )
+            targets += _onnx_targets(onnx, threads, notes, with_int8=model_path is None)
         yield targets, notes
+
+
+def _time_row(t: Target, x: torch.Tensor, label: str, repeats: int) -> dict:
+    """One bench row: the target at one size; a failure (out of memory at 4K, say) is its row's error."""
+    row = {
+        "model": t.model,
+        "runtime": t.runtime,
+        "device": t.device,
+        "precision": t.precision,
+        "how": t.how,
+        "size": label,
+        "height": x.shape[-2],
+        "width": x.shape[-1],
+    }
+    try:
+        ms = time_target(t, x, repeats)
+        row.update(ms=round(ms, 3), fps=round(1000.0 / ms, 2))
+    except (RuntimeError, MemoryError) as exc:
+        row.update(ms=None, fps=None, error=str(exc).strip().splitlines()[0][:200])
+    return row
+
+
+def _figures(rows: list[dict]) -> dict[str, float | None]:
+    """The rows under the one key scheme (timing.speed_figures): speed.<model>.<runtime>_<device>[_<prec>].<size>."""
+    figures: dict[str, float | None] = {}
+    for r in rows:
+        name = figure_name(r["model"], r["runtime"], r["device"], r["precision"])
+        figures.update(speed_figures(name, r["size"], r["ms"], r.get("error")))
+    return figures
 
 
 def run_bench(
@@ -187,11 +186,12 @@ def run_bench(
     sizes: str = DEFAULT_SIZES,
     repeats: int = 5,
     threads: int = 0,
-    tile: int = 256,
-    overlap: int = 16,
+    tile: int | None = None,
+    overlap: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time every target at every size; returns {"rows": [...], "figures": {flat key: value}, environment...}."""
+    """Time every target at every size; returns {"rows": [...], "figures": {flat key: value}, environment...}.
+    The teacher's tiling defaults to params.yaml's infer (sharpen.default_tiling)."""
     size_list = parse_sizes(sizes)
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
@@ -201,43 +201,19 @@ def run_bench(
     rows: list[dict] = []
     with student_targets(Path(model_path) if model_path else None, threads) as (targets, notes):
         if teacher:
-            from sharpkd.runtime import cuda_available
-
-            targets.append(_teacher_target("cuda" if cuda_available() else "cpu", tile, overlap))
-        gen = torch.Generator().manual_seed(0)
-        for label, w, h in size_list:
-            x = torch.rand(1, 3, h, w, generator=gen)
+            targets.append(_teacher_target(_devices()[-1], *_tiling(tile, overlap)))
+        for label, h, w in size_list:
+            x = frame((h, w))
             for t in targets:
                 if progress:
-                    progress(f"{t.key} {label}")
-                row = {
-                    "model": t.model,
-                    "runtime": t.runtime,
-                    "device": t.device,
-                    "precision": t.precision,
-                    "how": t.how,
-                    "size": label,
-                    "width": w,
-                    "height": h,
-                }
-                try:
-                    ms = time_ms(t.make(x), repeats)
-                    row.update(ms=round(ms, 3), fps=round(1000.0 / ms, 2))
-                except (RuntimeError, MemoryError) as exc:
-                    # e.g. out of memory at 4K: report it and time the rest.
-                    row.update(ms=None, fps=None, error=str(exc).strip().splitlines()[0][:200])
-                rows.append(row)
+                    progress(f"{t.name} {label}")
+                rows.append(_time_row(t, x, label, repeats))
             del x
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    figures: dict[str, float | None] = {}
-    for r in rows:
-        key = figure_key(r["model"], r["runtime"], r["device"], r["precision"])
-        figures[f"{key}.{r['size']}.ms"] = r["ms"]
-        figures[f"{key}.{r['size']}.fps"] = r["fps"]
     return {
         "rows": rows,
-        "figures": figures,
+        "figures": _figures(rows),
         "torch_threads": threads,
         "repeats": repeats,
         "cpu": cpu_name(),
@@ -272,8 +248,6 @@ def student_training_speed(
 ) -> dict:
     """Training steps/s of a student of this shape: forward, L1 pixel + kd loss, backward, AdamW step,
     in the precision `compute.amp: true` trains in on this device (bf16 where native)."""
-    import contextlib
-
     from sharpkd.config import LossParams
     from sharpkd.losses import DistillObjective
     from sharpkd.models.student import Student

@@ -340,6 +340,7 @@ RESERVED_SET_NAMES = {
     "teacher",
     "bicubic",
     "timing",
+    "speed",
     "speedup",
     "problems",
     "lpips_reason",

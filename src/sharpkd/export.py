@@ -1,5 +1,6 @@
 """Exporting the student: ONNX (float32 and float16) and TorchScript, parity against PyTorch, speed.
-The export stage (stages/export.py) uses these and writes the model card.
+The export stage (stages/export.py) uses these; its INT8 model is quantize.export_int8, its model card
+sharpkd.model_card, and every speed figure goes through sharpkd.timing.
 
 Export path: `torch.onnx.export(..., dynamo=False)`, the TorchScript-based exporter. The
 torch.export-based one (torch's default) needs the `onnxscript` package, which the
@@ -27,12 +28,20 @@ from torch import nn
 from sharpkd import __version__
 from sharpkd.errors import UserError
 from sharpkd.models.student import Student
-from sharpkd.runtime import SCALE_KEY, OnnxFunction, ort_cuda_available, ort_session
-from sharpkd.timing import time_ms
+from sharpkd.runtime import SCALE_KEY, OnnxFunction, onnx_target, ort_cuda_available, ort_session
+from sharpkd.timing import (
+    FRAME_1080P,
+    Target,
+    figure_name,
+    measure,
+    speed_figures,
+    speed_key,
+    timing_context,
+    torch_target,
+)
 
 # Odd sizes whose padding to a multiple of the scale differs (and a batch of 2).
 PARITY_SHAPES = [(1, 3, 37, 53), (2, 3, 65, 31)]
-FRAME_1080P = (1080, 1920)
 
 
 class ExportGraph(nn.Module):
@@ -173,6 +182,33 @@ def check_parity(model: Student, inputs, onnx_path: Path, ts_path: Path, fp16_pa
     return out
 
 
+def _speed_targets(
+    model: Student, onnx_path: Path, ts_path: Path, fp16_path: Path | None, int8_path: Path | None
+) -> tuple[list[Target], dict[str, str]]:
+    """What export times (timing.Target), and the figures it cannot time with why."""
+    threads = torch.get_num_threads()
+    targets = [
+        torch_target("student", "torch", model, "cpu"),
+        torch_target("student", "torchscript", _load_torchscript(ts_path), "cpu"),
+        onnx_target(onnx_path, "cpu", threads),
+    ]
+    missing = {}
+    if int8_path is not None:
+        targets.append(onnx_target(int8_path, "cpu", threads))
+    else:
+        missing[figure_name("student", "onnxruntime", "cpu", "int8")] = "export.int8 is false"
+    cuda, cuda_fp16 = (figure_name("student", "onnxruntime", "cuda", p) for p in ("fp32", "fp16"))
+    if not ort_cuda_available():
+        missing[cuda] = missing[cuda_fp16] = "no CUDA execution provider in this ONNX Runtime"
+        return targets, missing
+    targets.append(onnx_target(onnx_path, "cuda", threads))
+    if fp16_path is not None:
+        targets.append(onnx_target(fp16_path, "cuda", threads))
+    else:
+        missing[cuda_fp16] = "export.fp16 is false"
+    return targets, missing
+
+
 def measure_speed(
     model: Student,
     onnx_path: Path,
@@ -181,41 +217,14 @@ def measure_speed(
     repeats: int,
     int8_path: Path | None = None,
 ) -> dict:
-    """ms and fps on one 1080p frame: torch eager (reference), TorchScript and ONNX Runtime on the CPU
-    (float32, and INT8 when given); CUDA EP when present. One session is alive at a time: an idle ONNX
-    Runtime session's threads still spin and would slow the one being timed."""
-    threads = torch.get_num_threads()
-    x = torch.rand(1, 3, *FRAME_1080P, generator=torch.Generator().manual_seed(0))
-    runs: dict = {
-        "torch_cpu": lambda: model,
-        "torchscript_cpu": lambda: _load_torchscript(ts_path),
-        "onnx_cpu": lambda: OnnxFunction(ort_session(onnx_path, "cpu", threads)),
-    }
-    reasons = {}
+    """ms and fps on one 1080p frame (timing.measure): torch eager (reference), TorchScript and ONNX Runtime
+    on the CPU (float32, and INT8 when given); CUDA EP when present. One session is alive at a time: an idle
+    ONNX Runtime session's threads still spin and would slow the one being timed."""
+    targets, missing = _speed_targets(model, onnx_path, ts_path, fp16_path, int8_path)
+    out = measure(targets, repeats)
+    for name, why in missing.items():
+        out |= speed_figures(name, FRAME_1080P, None, why)
     if int8_path is not None:
-        runs["onnx_int8_cpu"] = lambda: OnnxFunction(ort_session(int8_path, "cpu", threads))
-    else:
-        reasons["onnx_int8_cpu"] = "export.int8 is false"
-    if ort_cuda_available():
-        runs["onnx_cuda"] = lambda: OnnxFunction(ort_session(onnx_path, "cuda"))
-        if fp16_path is not None:
-            runs["onnx_fp16_cuda"] = lambda: OnnxFunction(ort_session(fp16_path, "cuda"))
-        else:
-            reasons["onnx_fp16_cuda"] = "export.fp16 is false"
-    else:
-        reasons["onnx_cuda"] = reasons["onnx_fp16_cuda"] = "no CUDA execution provider in this ONNX Runtime"
-    out: dict = {"speed.torch_threads": threads, "speed.repeats": repeats}
-    with torch.no_grad():
-        for name, make in runs.items():
-            fn = make()
-            ms = time_ms(lambda fn=fn: fn(x), repeats)
-            del fn
-            out[f"speed.{name}.ms_1080p"] = round(ms, 3)
-            out[f"speed.{name}.fps_1080p"] = round(1000.0 / ms, 2)
-    if int8_path is not None:
-        fp32_ms, int8_ms = out["speed.onnx_cpu.ms_1080p"], out["speed.onnx_int8_cpu.ms_1080p"]
-        out["speed.int8_speedup"] = round(fp32_ms / int8_ms, 3)
-    for name, why in reasons.items():
-        out[f"speed.{name}.ms_1080p"] = None
-        out[f"speed.{name}.reason"] = why
-    return out
+        fp32, int8 = (speed_key(figure_name("student", "onnxruntime", "cpu", p)) for p in ("fp32", "int8"))
+        out["int8.speedup"] = round(out[fp32] / out[int8], 3)
+    return out | timing_context(repeats, "cpu")

@@ -19,6 +19,10 @@ are non-negative; symmetric activations would waste half the range and keep the 
 Calibration is MinMax by default: percentile and entropy measured no better, and clipping
 rare large residuals would clip the sharpening at strong edges, where it matters.
 
+The export stage's INT8 model (`export_int8`): calibrated on seeded training-input crops, then scored
+against the float32 file by the evaluate stage's own loop (evaluation.score_set over evaluation.eval_sets:
+the same images, the same tiling), so `int8.<set>.psnr_cost` compares with eval.json.
+
 `quant_pre_process` is not used: its symbolic shape inference cannot follow the student's
 size-dependent padding, and without it the pre-processing changed neither speed nor quality.
 """
@@ -28,14 +32,22 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from sharpkd.config import Params
+from sharpkd.data.datasets import TrainPatches
+from sharpkd.data.evalsets import EvalImage
 from sharpkd.errors import UserError
+from sharpkd.evaluation import SetResult, eval_sets, method_means, model_method, score_set
 from sharpkd.files import atomic_path
+from sharpkd.metrics import QualityMetrics, min_side
+from sharpkd.runtime import OnnxFunction, ort_session
 
 # Op types handed to the quantiser: Relu is listed so that it folds into the conv's output range.
 OP_TYPES_TO_QUANTIZE = ("Conv", "Relu")
@@ -330,3 +342,58 @@ def quantize_student(
         "head": "SpaceToDepth + 3x3 conv" if head_regrouped else "as exported",
         "uint8_rearrangements": uint8_ops,
     }
+
+
+# ---------------------------------------------------------------- the export stage's INT8 model
+
+
+def calibration_crops(pairs_dir: Path, patch_size: int, count: int, seed: int) -> list[np.ndarray]:
+    """`count` seeded training-input crops (1,3,P,P), what the INT8 ranges are calibrated on."""
+    draw = TrainPatches(pairs_dir, keys=("input",), patch_size=patch_size).batch_fn(count, seed)
+    return [c[None].numpy() for c in draw(0)["input"]]
+
+
+def int8_cost(
+    fp32_path: Path, int8_path: Path, sets: dict[str, list[EvalImage]], scale: int, tile: int, overlap: int
+) -> dict:
+    """PSNR / SSIM of the float32 and INT8 files on every set, scored by the evaluate stage's loop
+    (evaluation.score_set, same tiling), and what INT8 costs: `int8.<set>.<metric>_{fp32,int8,cost}`."""
+    metrics = QualityMetrics(scale, lpips=False)
+    scores = {}
+    for precision, path in (("fp32", fp32_path), ("int8", int8_path)):
+        session = OnnxFunction(ort_session(path, "cpu", torch.get_num_threads()))
+        methods = {precision: model_method(session, tile, overlap, align=scale)}
+        for name, images in sets.items():
+            res = score_set(name, images, methods, metrics, SetResult(name), desc=f"INT8 check, {precision}:")
+            scores[name, precision] = method_means(res, precision)
+        del session, methods  # one live session at a time (see export.measure_speed)
+    out: dict = {}
+    for name in sets:
+        for k in ("psnr", "ssim"):
+            fp32, int8 = scores[name, "fp32"].get(k), scores[name, "int8"].get(k)
+            out[f"int8.{name}.{k}_fp32"], out[f"int8.{name}.{k}_int8"] = fp32, int8
+            out[f"int8.{name}.{k}_cost"] = None if fp32 is None or int8 is None else round(fp32 - int8, 5)
+    return out
+
+
+def export_int8(params: Params, pairs_dir: Path, fp32_path: Path, int8_path: Path) -> dict:
+    """student_int8.onnx calibrated on training-input crops, and what it costs against the float32 model
+    on the validation split and every eval.sets entry (evaluation.eval_sets: the images evaluate scores)."""
+    scale = params.data.scale
+    crops = calibration_crops(pairs_dir, params.data.patch_size, params.export.int8_calibration, params.seed)
+    info = quantize_student(fp32_path, int8_path, crops)
+    out: dict = {
+        "int8.calibration_images": info["calibration_images"],
+        "int8.method": info["method"],
+        "int8.quantized_ops": json.dumps(info["quantized_ops"]),
+        "int8.head": info["head"],
+        "int8.uint8_rearrangements": json.dumps(info["uint8_rearrangements"]),
+    }
+    sets = {res.name: list(images) for res, images in eval_sets(params, pairs_dir, None, min_side(scale))}
+    out |= int8_cost(fp32_path, int8_path, sets, scale, params.infer.tile, params.infer.overlap)
+    print(
+        "[export] INT8: "
+        + ", ".join(f"{n} {out[f'int8.{n}.psnr_cost']} dB PSNR below float32" for n in sets)
+        + f" ({info['quantized_ops']} quantised)"
+    )
+    return out

@@ -17,6 +17,7 @@ import torch
 
 from sharpkd.errors import UserError
 from sharpkd.inference import tiled_apply
+from sharpkd.timing import Target
 
 DEFAULT_MODEL = Path("models/export/student.onnx")
 # A multiple of every supported scale (2, 3, 4): tiles whose origins are multiples of
@@ -112,10 +113,12 @@ def _check_device(device: str) -> None:
         raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu")
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu") -> InferenceModel:
-    """Open a .onnx, TorchScript .pt or student .pth for inference on `device`."""
-    from sharpkd.models.student import load_student
+MODEL_KINDS = {".onnx": "onnx", ".pt": "torchscript", ".pth": "checkpoint"}
 
+
+def model_kind(path: str | Path | None = None) -> tuple[Path, str]:
+    """(path, kind) of a model file to open: kind is onnx, torchscript or checkpoint (by its suffix);
+    a clear error when the file is missing or of another type. None means DEFAULT_MODEL."""
     path = Path(path) if path is not None else DEFAULT_MODEL
     if not path.is_file():
         how = (
@@ -124,29 +127,68 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> Inference
             else "check the path (models/export/ is written by `dvc repro export`)"
         )
         raise UserError(f"{path}: model not found; {how}, or pass --model PATH to a .onnx, .pt or .pth file")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        if device not in ("cpu", "cuda"):
-            _check_device(device)
-        session = ort_session(path, device)  # checks the CUDA provider itself (torch's CUDA is not needed)
-        meta = session.get_modelmeta().custom_metadata_map
-        align = int(meta.get(SCALE_KEY, ANY_SCALE_GRID))
-        return InferenceModel(OnnxFunction(session), "onnx", path, device, align, None)
+    kind = MODEL_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(
+            f"{path}: unknown model type '{path.suffix.lower()}' (use .onnx, .pt TorchScript or a .pth student checkpoint)"
+        )
+    return path, kind
+
+
+def _load_onnx(path: Path, device: str) -> InferenceModel:
+    if device not in ("cpu", "cuda"):
+        _check_device(device)
+    session = ort_session(path, device)  # checks the CUDA provider itself (torch's CUDA is not needed)
+    meta = session.get_modelmeta().custom_metadata_map
+    align = int(meta.get(SCALE_KEY, ANY_SCALE_GRID))
+    return InferenceModel(OnnxFunction(session), "onnx", path, device, align, None)
+
+
+def _load_checkpoint(path: Path, device: str) -> InferenceModel:
+    from sharpkd.models.student import load_student
+
     _check_device(device)
-    if suffix == ".pth":
-        student = load_student(path, device)
-        return InferenceModel(student, "checkpoint", path, device, student.scale, device)
-    if suffix == ".pt":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still loads
-                module = torch.jit.load(str(path), map_location=device)
-        except Exception as exc:  # torch.jit raises RuntimeError subclasses with long C++ traces
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{path}: not a TorchScript model ({first})") from None
-        module.eval()
-        align = int(getattr(module, "scale", ANY_SCALE_GRID))
-        return InferenceModel(module, "torchscript", path, device, align, device)
-    raise UserError(
-        f"{path}: unknown model type '{suffix}' (use .onnx, .pt TorchScript or a .pth student checkpoint)"
-    )
+    student = load_student(path, device)
+    return InferenceModel(student, "checkpoint", path, device, student.scale, device)
+
+
+def _load_torchscript(path: Path, device: str) -> InferenceModel:
+    _check_device(device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still loads
+            module = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # torch.jit raises RuntimeError subclasses with long C++ traces
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a TorchScript model ({first})") from None
+    module.eval()
+    align = int(getattr(module, "scale", ANY_SCALE_GRID))
+    return InferenceModel(module, "torchscript", path, device, align, device)
+
+
+LOADERS = {"onnx": _load_onnx, "checkpoint": _load_checkpoint, "torchscript": _load_torchscript}
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu") -> InferenceModel:
+    """Open a .onnx, TorchScript .pt or student .pth for inference on `device`."""
+    path, kind = model_kind(path)
+    return LOADERS[kind](path, device)
+
+
+def onnx_target(path: str | Path, device: str, threads: int) -> Target:
+    """The timing target (timing.Target) of an ONNX student: a fresh session per timing, released after it.
+
+    The file is opened once now, so a bad one fails before any timing; its precision comes from the
+    metadata export.py and quantize.py write (INT8 keeps float32 I/O), else from its input type.
+    """
+    path = Path(path)
+    fn = OnnxFunction(ort_session(path, device, threads))
+    recorded = fn.session.get_modelmeta().custom_metadata_map.get("sharpkd.precision")
+    precision = recorded or ("fp16" if fn.dtype.__name__ == "float16" else "fp32")
+    del fn
+
+    def make(x: torch.Tensor):
+        session = OnnxFunction(ort_session(path, device, threads))
+        return lambda: session(x)
+
+    return Target("student", "onnxruntime", device, precision, make)

@@ -1,4 +1,14 @@
-"""Timing: the median wall time of a call, and the CPU's name to say where it was measured."""
+"""The one timing path: every speed figure the pipeline reports (evaluate, export, `sharpkd bench`,
+scripts/sweep_table.py) is measured and named here.
+
+- Sizes are (height, width), like the tensors; `FRAME_1080P` is the reference frame.
+- A figure is "frame in, frame out": a float32 frame in host memory goes through the model and comes
+  back to host memory; one untimed warm-up, then the median of `repeats` (`time_ms`). A `Target` builds
+  what it times (an ONNX Runtime session, say) only when it is timed and drops it after, so one is alive
+  at a time: an idle session's threads keep spinning and would slow the one being timed.
+- Keys: `speed.<model>.<runtime>_<device>[_<precision>].<size>.{ms,fps,reason}`, e.g.
+  `speed.student.onnxruntime_cpu_int8.1080p.ms` (`speed_figures`; no precision suffix for fp32).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FRAME_1080P = (1080, 1920)  # (height, width)
+SIZES = {"720p": (720, 1280), "1080p": FRAME_1080P, "4k": (2160, 3840), "2160p": (2160, 3840)}
 
 
 def cpu_name() -> str:
@@ -17,6 +34,14 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def device_name(device: str | torch.device) -> str:
+    """'cpu: <model name>' or 'cuda: <GPU name>': where a figure was measured."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_name()}"
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -29,3 +54,115 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000.0
+
+
+def size_label(size: tuple[int, int]) -> str:
+    """(height, width) -> '1080p' for the named sizes, else 'WxH' (how sizes are written on a command line)."""
+    named = {hw: label for label, hw in reversed(SIZES.items())}
+    return named.get(tuple(size), f"{size[1]}x{size[0]}")
+
+
+def figure_name(model: str, runtime: str, device: str, precision: str = "fp32") -> str:
+    """e.g. student.onnxruntime_cpu, student.torch_cuda_fp16, teacher.torch_cpu, bicubic.resize_cpu."""
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return f"{model}.{runtime}_{device}{suffix}"
+
+
+def speed_key(name: str, size: str | tuple[int, int] = FRAME_1080P, field: str = "ms") -> str:
+    """The flat key of one value of a figure: `speed.<name>.<size>.<field>` (field: ms, fps or reason);
+    `size` is a label ('1080p', '64x48') or (height, width)."""
+    label = size if isinstance(size, str) else size_label(size)
+    return f"speed.{name}.{label}.{field}"
+
+
+def speed_figures(
+    name: str, size: str | tuple[int, int], ms: float | None, reason: str | None = None
+) -> dict:
+    """The keys of one figure (`speed_key`): ms and fps, or None for both and a reason when not timed."""
+    if ms is None:
+        return {
+            speed_key(name, size, f): v
+            for f, v in (("ms", None), ("fps", None), ("reason", reason or "not timed"))
+        }
+    return {speed_key(name, size, "ms"): round(ms, 3), speed_key(name, size, "fps"): round(1000.0 / ms, 2)}
+
+
+def frame(size: tuple[int, int] = FRAME_1080P, seed: int = 0) -> torch.Tensor:
+    """A (1,3,H,W) float32 frame in [0,1] in host memory (its content does not change a timing)."""
+    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def downscale(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """A frame's low-resolution version (antialiased bicubic), for what takes one: the teacher, a resize."""
+    return F.interpolate(x, scale_factor=1 / scale, mode="bicubic", antialias=True).clamp(0, 1)
+
+
+@dataclass
+class Target:
+    """One thing to time: `make(x)` returns a zero-argument callable running frame `x` (1,3,H,W on the CPU)."""
+
+    model: str  # student | teacher | bicubic
+    runtime: str  # torch | torchscript | onnxruntime | resize
+    device: str  # cpu | cuda
+    precision: str  # fp32 | fp16 | int8
+    make: Callable[[torch.Tensor], Callable[[], object]]
+    how: str = "full frame"
+    warmup: int = 1
+
+    @property
+    def name(self) -> str:
+        return figure_name(self.model, self.runtime, self.device, self.precision)
+
+
+def time_target(target: Target, x: torch.Tensor, repeats: int) -> float:
+    """ms per frame `x` of `target`; what `make` built is released before the next target is built."""
+    with torch.no_grad():
+        fn = target.make(x)
+        try:
+            return time_ms(fn, repeats, target.warmup)
+        finally:
+            del fn
+
+
+def measure(targets: list[Target], repeats: int, size: tuple[int, int] = FRAME_1080P) -> dict:
+    """The figures (`speed_figures`) of every target on one frame of `size`, timed one after another."""
+    x = frame(size)
+    out: dict = {}
+    for t in targets:
+        out.update(speed_figures(t.name, size, time_target(t, x, repeats)))
+    return out
+
+
+def torch_target(
+    model: str, runtime: str, module: Callable, device: str, half: bool = False, how: str = "full frame"
+) -> Target:
+    """A torch module (eager or TorchScript) on `device`: the frame is copied there and its output back."""
+
+    def make(x: torch.Tensor):
+        dtype = torch.float16 if half else torch.float32
+        return lambda: module(x.to(device, dtype)).float().cpu()
+
+    return Target(model, runtime, str(device), "fp16" if half else "fp32", make, how)
+
+
+def tiled_target(model: str, module: Callable, scale: int, device: str, tile: int, overlap: int, how: str):
+    """A model from the low-resolution image to the frame (the teacher), run tiled as the pipeline runs it;
+    it sees the frame downscaled by `scale`. Warmed up on one tile only: a whole extra frame costs a minute
+    for SwinIR-M on a CPU."""
+    from sharpkd.inference import tiled_apply
+
+    def make(x: torch.Tensor):
+        lr = downscale(x, scale)
+        tiled_apply(module, lr[..., :tile, :tile], scale=scale, tile=tile, overlap=overlap, device=device)
+        return lambda: tiled_apply(module, lr, scale=scale, tile=tile, overlap=overlap, device=device)
+
+    return Target(model, "torch", str(device), "fp32", make, how, warmup=0)
+
+
+def timing_context(repeats: int, device: str | torch.device = "cpu") -> dict:
+    """Where and how the figures were measured: `timing.device`, `timing.torch_threads`, `timing.repeats`."""
+    return {
+        "timing.device": device_name(device),
+        "timing.torch_threads": torch.get_num_threads(),
+        "timing.repeats": repeats,
+    }
