@@ -1,6 +1,6 @@
 """A README results table, from the metrics/eval.json of DVC experiments (never typed by hand).
 
-Usage: python scripts/results_table.py NAME=LABEL [NAME=LABEL ...] [--readme README.md] [--block results]
+Usage: python scripts/results_table.py NAME=LABEL [NAME=LABEL ...] [--profile profiles/X.yaml] [--doc docs/results.md] [--block results]
 
 Each NAME is a DVC experiment (an arm: e.g. ref-baseline, ref-distill, ref-upcycle from `make reference`),
 LABEL what the row calls it. Rows: bicubic, the teacher, then the student of every arm; columns:
@@ -9,7 +9,7 @@ validation split last; an arm without a set shows n/a), parameters, ms per 1080p
 `speed.<method>.<runtime>_<device>.1080p.ms`). Below the
 table: each arm's student PSNR against the first arm's, training time, and the command that made each
 arm (the `-S` values all arms share, then each arm's own, both against the workspace's params.yaml).
-With --readme, the table replaces what stands between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`.
+With --doc, the table replaces what stands between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`.
 """
 
 from __future__ import annotations
@@ -219,10 +219,23 @@ def parse_arm(spec: str) -> tuple[str, str]:
     return name, label or name
 
 
+def profile_arms(path: Path) -> list[tuple[str, str]]:
+    """(name, label) of the arms a profile's table compares (its `table`, else its own arms)."""
+    from sharpkd.profiles import load_profile
+
+    profile = load_profile(path)
+    if profile.table:
+        return [(name, label or name) for name, label in profile.table.items()]
+    return [(a.name, a.label) for a in profile.arms]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("arms", nargs="+", metavar="NAME=LABEL", help="DVC experiment and its row label")
-    ap.add_argument("--readme", type=Path, help="write the table into this file between the markers")
+    ap.add_argument("arms", nargs="*", metavar="NAME=LABEL", help="DVC experiment and its row label")
+    ap.add_argument(
+        "--profile", type=Path, help="take the arms from this profile's `table` (else its arms) and labels"
+    )
+    ap.add_argument("--doc", type=Path, help="write the table into this file between the markers")
     ap.add_argument(
         "--block", default="results", help="marker name: <!-- BLOCK:start --> ... <!-- BLOCK:end -->"
     )
@@ -230,16 +243,18 @@ def main() -> int:
         "--params", type=Path, default=Path("params.yaml"), help="the defaults the commands start from"
     )
     args = ap.parse_args()
-    arms = [parse_arm(a) for a in args.arms]
+    arms = [parse_arm(a) for a in args.arms] + (profile_arms(args.profile) if args.profile else [])
+    if not arms:
+        ap.error("name the arms (NAME=LABEL) or a --profile")
     found = experiment_rows([n for n, _ in arms])
     defaults = flat(yaml.safe_load(args.params.read_text())) if args.params.is_file() else None
     table = build_table([(n, label, found[n]) for n, label in arms], defaults)
     print(table)
-    if args.readme:
+    if args.doc:
         from sharpkd.files import write_text
 
-        write_text(args.readme, replace_block(args.readme.read_text(), table, args.block))
-        print(f"wrote the table into {args.readme} ({args.block} block)")
+        write_text(args.doc, replace_block(args.doc.read_text(), table, args.block))
+        print(f"wrote the table into {args.doc} ({args.block} block)")
     return 0
 
 

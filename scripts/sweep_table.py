@@ -1,18 +1,19 @@
 """The README's student-size sweep: Set5 PSNR against ms per 1080p frame, float32 and INT8 (never typed by hand).
 
-Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--readme README.md] [--plot docs/sweep.png]
+Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--profile profiles/sweep.yaml] [--doc docs/results.md] [--plot docs/sweep.png]
 
 Quality comes from each DVC experiment's metrics (metrics/eval.json: Set5.student.psnr; metrics/export.json:
 int8.Set5.psnr_int8). Speed is measured here, side by side in one run on an otherwise idle machine, for each
 architecture in the sweep (a rep student folds into the plain network of the same width and depth, so speed
 depends on width and depth only): ONNX Runtime on the CPU, `--threads` threads, float32 and INT8, median
-of `--repeats` after warm-up, one session alive at a time. With --readme the table replaces what stands
+of `--repeats` after warm-up, one session alive at a time. With --doc the table replaces what stands
 between the `<!-- sweep:start -->` and `<!-- sweep:end -->` markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -182,14 +183,21 @@ def main() -> int:
     ap.add_argument("--prefix", default="sweep-")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--readme", type=Path)
+    ap.add_argument("--profile", type=Path, help="the experiments of this profile's `table` (else its arms)")
+    ap.add_argument("--doc", type=Path, help="write the table and the plot's link into this file")
     ap.add_argument("--plot", type=Path, default=Path("docs/sweep.png"))
     args = ap.parse_args()
 
     from sharpkd.files import write_text
     from sharpkd.timing import cpu_name
 
-    exps = sweep_experiments(args.experiments, args.prefix)
+    names = list(args.experiments)
+    if args.profile:
+        from sharpkd.profiles import load_profile
+
+        profile = load_profile(args.profile)
+        names += list(profile.table) or [a.name for a in profile.arms]
+    exps = sweep_experiments(names, args.prefix)
     scale = int(next(iter(exps.values()))["data.scale"])
     sizes = sorted({(int(m["student.channels"]), int(m["student.blocks"])) for m in exps.values()})
     speeds = {size: measure(scale, *size, args.threads, args.repeats) for size in sizes}
@@ -197,10 +205,11 @@ def main() -> int:
     table = render(rows, args.threads, cpu_name())
     print(table)
     plot(rows, args.plot)
-    if args.readme:
-        block = f"{table}\n\n![quality against speed]({args.plot.as_posix()})"
-        write_text(args.readme, replace_block(args.readme.read_text(), block))
-        print(f"wrote the table into {args.readme}, the plot to {args.plot}")
+    if args.doc:
+        link = Path(os.path.relpath(args.plot, args.doc.parent)).as_posix()
+        block = f"{table}\n\n![quality against speed]({link})"
+        write_text(args.doc, replace_block(args.doc.read_text(), block))
+        print(f"wrote the table into {args.doc}, the plot to {args.plot}")
     return 0
 
 

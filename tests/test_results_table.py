@@ -145,3 +145,12 @@ def test_param_changes_read_exp_show_column_types(table):
         "data.unlabeled": "",
     }
     assert table.param_changes(shown, defaults) == {"distill.steps": "distill.steps=24000"}
+
+
+def test_arms_and_labels_come_from_the_profile(table):
+    """`make results` / `make domain-results` name a profile: its `table`, else its own arms and labels."""
+    domain = table.profile_arms(REPO / "profiles" / "domain.yaml")
+    assert [n for n, _ in domain] == ["ref-baseline-rep64x5", "ref-distill-rep64x5", "dom-manga-rep64x5"]
+    assert domain[0][1] == "photographs only, no teacher"
+    reference = dict(table.profile_arms(REPO / "profiles" / "reference.yaml"))
+    assert reference["ref-baseline-rep64x5"] == "HR only, no teacher" and len(reference) == 4

@@ -10,7 +10,7 @@ A profile is a YAML file a user can read, diff and run:
       ref-distill-rep64x5:
         label: distilled, labelled images     # the row name in the results tables
         set: {loss.kd: 1.0}                   # this arm's own keys (optional)
-    table: [ref-baseline-rep64x5, ...]        # optional: the arms a results table compares
+    table: {ref-baseline-rep64x5: label, ...} # optional: the arms a results table compares
 
 `{shared}` in a string value is the folder of the project's shared data (../shared, or
 $SHARPKD_SHARED): queued experiments run in a temporary copy of the repository, so paths must be
@@ -52,7 +52,7 @@ class Profile:
     jobs: int
     common: dict[str, object]  # the `set` every arm shares (with what it extends)
     arms: list[Arm] = field(default_factory=list)
-    table: list[str] = field(default_factory=list)
+    table: dict[str, str] = field(default_factory=dict)  # arm -> row label, for the results tables
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -111,7 +111,16 @@ def load_profile(path: str | Path) -> Profile:
     jobs = raw.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise UserError(f"{path}: jobs must be a positive integer, got {jobs!r}")
-    return Profile(path, str(raw.get("description") or ""), jobs, common, arms, list(raw.get("table") or []))
+    table = raw.get("table") or {}
+    table = {str(n): "" for n in table} if isinstance(table, list) else _mapping(table, f"{path}: table")
+    return Profile(
+        path,
+        str(raw.get("description") or ""),
+        jobs,
+        common,
+        arms,
+        {k: str(v or "") for k, v in table.items()},
+    )
 
 
 def apply_overrides(base: dict, overrides: dict[str, object]) -> dict:
