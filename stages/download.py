@@ -10,8 +10,8 @@ from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
 from sharpkd.files import atomic_dir
 from sharpkd.images import ImageReadError, save_image
-from sharpkd.progress import progress
 from sharpkd.pipeline import StagePaths, run_stage
+from sharpkd.progress import progress
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:

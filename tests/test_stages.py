@@ -4,6 +4,7 @@ the next `dvc repro`, and any edit of params.yaml is validated, also of a key no
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -154,3 +155,25 @@ def test_any_edit_of_params_yaml_is_validated_by_dvc_repro(killed_then_rerun, ed
     finally:
         path.write_text(original)
     assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+
+
+@pytest.mark.slow
+def test_changing_the_crop_size_reruns_only_what_uses_it(tmp_path_factory):
+    """data.patch_size is read by the stages that train (distill, the from-scratch teacher) and by
+    INT8 calibration (export), not by degrade or cache_teacher: no stored pixel depends on it, so
+    `dvc status` after changing it lists neither (at the full profile ~30 GB of pairs and cache)."""
+    from test_tracking import pipeline_repo
+
+    repo = pipeline_repo(tmp_path_factory)
+    params_file = repo / "params.yaml"
+    before = params_file.read_text()
+    assert dvc(repo, "status", "--json").stdout.strip() in ("{}", ""), "the pipeline is up to date first"
+    params = yaml.safe_load(before)
+    params["data"]["patch_size"] = params["data"]["patch_size"] // 2
+    try:
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = set(json.loads(dvc(repo, "status", "--json").stdout or "{}"))
+    finally:
+        params_file.write_text(before)
+    assert {"distill", "export"} <= changed, changed
+    assert not changed & {"download", "degrade", "cache_teacher"}, changed

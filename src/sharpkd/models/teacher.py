@@ -1,7 +1,8 @@
-"""Obtaining and loading the teacher: pretrained SwinIR-M, PAN, any spandrel checkpoint, or our EDSR.
+"""Loading and describing the teacher: pretrained SwinIR-M, PAN, any spandrel checkpoint, or our EDSR.
 
-`models/teacher/` holds `teacher.pth` and `teacher.json`; `load_teacher` turns that
-folder back into a module mapping LR (B,3,h,w) in [0,1] to SR (B,3,h*s,w*s).
+`models/teacher/` holds `teacher.pth` and `teacher.json` (`describe`); `load_teacher` turns that
+folder back into a module mapping LR (B,3,h,w) in [0,1] to SR (B,3,h*s,w*s). Obtaining a teacher
+(downloading, training) is sharpkd/teachers.py's table, which the teacher stage alone imports.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def describe(
     feature_layers,
     **extra,
 ) -> dict:
+    """teacher.json for `model` saved as `weights`; the feature layers (teacher.feature_layers, or the
+    architecture's default) must name modules of it, since cache_teacher hooks them."""
     names = dict(model.named_modules())
     layers = tuple(feature_layers) or default_feature_layers(architecture)
     missing = [n for n in layers if n not in names]
