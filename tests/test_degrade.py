@@ -28,6 +28,18 @@ SET5 = SHARED / "testsets" / "Set5"
 ALL_ON = {"jpeg_prob": 1.0, "blur_prob": 1.0, "noise_prob": 1.0}
 ALL_OFF = {"jpeg_prob": 0.0, "blur_prob": 0.0, "noise_prob": 0.0}
 
+# train_manifest.csv and valid_manifest.csv: the image, its size and its seeded degradation.
+MANIFEST_COLUMNS = [
+    "index",
+    "name",
+    "width",
+    "height",
+    "jpeg_quality",
+    "blur_sigma",
+    "noise_sigma",
+    "noise_seed",
+]
+
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -243,16 +255,7 @@ def test_pairs_layout_and_shapes(pairs, raw):
     assert summary["teacher_only_images"] == 0 and not (out / "teacher_only_manifest.csv").exists()
 
     man = pd.read_csv(out / "train_manifest.csv", dtype={"name": str})
-    assert list(man.columns) == [
-        "index",
-        "name",
-        "width",
-        "height",
-        "jpeg_quality",
-        "blur_sigma",
-        "noise_sigma",
-        "noise_seed",
-    ]
+    assert list(man.columns) == MANIFEST_COLUMNS
     assert man["index"].tolist() == [0, 1] and man.name.tolist() == ["t0", "t1"]
     # Whole images, cropped to a multiple of the scale: t0 48x64 stays, t1 40x37 becomes 40x36.
     assert list(zip(man.height, man.width, strict=True)) == [(48, 64), (40, 36)]
@@ -283,16 +286,7 @@ def test_pairs_layout_and_shapes(pairs, raw):
 def test_validation_images(pairs, raw):
     out, summary = pairs
     man = pd.read_csv(out / "valid_manifest.csv", dtype={"name": str})
-    assert list(man.columns) == [
-        "index",
-        "name",
-        "width",
-        "height",
-        "jpeg_quality",
-        "blur_sigma",
-        "noise_sigma",
-        "noise_seed",
-    ]
+    assert list(man.columns) == MANIFEST_COLUMNS
     assert man.name.tolist() == ["v0", "v1"] and summary["valid_images"] == 2
     # valid_max_side (96 in TINY) is larger than these: whole images, cropped to a multiple of the scale.
     assert (man.width.tolist(), man.height.tolist()) == ([58, 30], [40, 34])

@@ -150,7 +150,15 @@ def test_zero_weight_terms_load_nothing(monkeypatch):
 
 
 def test_missing_vgg_weights_message(tmp_path, monkeypatch):
+    from sharpkd import fetch
+
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    # Offline by construction: a closed port on 127.0.0.1 stands for the unreachable download site.
+    closed = {
+        **fetch.PRETRAINED["vgg19"],
+        "url": "http://127.0.0.1:9/download.pytorch.org/vgg19-dcbb9e9d.pth",
+    }
+    monkeypatch.setitem(fetch.PRETRAINED, "vgg19", closed)
     with pytest.raises(UserError) as err:
         DistillObjective(
             Student(scale=2, channels=8, blocks=1), loss_params(perceptual=0.1), weights_dir=tmp_path / "w"

@@ -6,6 +6,8 @@
   $SHARPKD_WEIGHTS_DIR, else ~/.cache/sharpkd/weights.
 - `find_file(name, folders)`: the first folder holding `name`.
 - `fetch_weights(filename, url, sha256, folder)`: a weights file from the folder, else downloaded.
+- `find_or_download(filename, url, digest, folders)`: a file from the first of several folders holding
+  it, else downloaded (verified) into the first writable one (VGG19: weights.dir, then torch's hub cache).
 
 A machine without internet is given the files in the weights folder; a missing file is an
 error that names the file, its URL and the folder, never a silent fallback.
@@ -30,8 +32,15 @@ _PAN_SHA256 = {
     4: "739fab99ee7b7058dab4d1b84aa2869bb9fc3995a1c08789c20355bee943833c",
 }
 
+# torchvision's ImageNet VGG19 (VGG19_Weights.IMAGENET1K_V1), for loss.perceptual.
+_VGG19 = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+
 # sha256 None = not pinned here (we could not obtain the official file to hash it):
 # the file is still downloaded, its sha256 printed and recorded in teacher.json.
+# A sha256 may be a prefix of the digest: torchvision publishes no full digest, only the first 8 hex
+# digits in the file name ("vgg19-dcbb9e9d.pth"); that prefix is "torchvision's hash", checked the
+# way torch.hub's `check_hash` checks it (the file's sha256 starts with it).
+# The entries are read when a file is needed, so tests point "url"/"sha256" at a local server.
 PRETRAINED: dict[str, dict] = {
     **{
         f"swinir_x{s}": {
@@ -45,6 +54,7 @@ PRETRAINED: dict[str, dict] = {
         f"pan_x{s}": {"filename": f"PANx{s}_DF2K.pth", "url": _PAN.format(s=s), "sha256": _PAN_SHA256[s]}
         for s in (2, 3, 4)
     },
+    "vgg19": {"filename": _VGG19.rsplit("/", 1)[1], "url": _VGG19, "sha256": "dcbb9e9d"},
 }
 
 
@@ -156,17 +166,14 @@ def download(
         ) as exc:
             last_error = f"{type(exc).__name__}: {exc}"
             got = part.stat().st_size if part.exists() else 0
-            print(
-                f"[download] {dest.name}: interrupted at {got} bytes ({type(exc).__name__}); resuming with HTTP Range"
-            )
+            then = "resuming with HTTP Range" if got else "trying again"
+            print(f"[download] {dest.name}: interrupted at {got} bytes ({type(exc).__name__}); {then}")
             continue
         if last_error is None:
             break
     else:
-        raise DownloadError(
-            f"{url}: download failed after {attempts} attempts ({last_error}); "
-            f"the partial file {part} is kept, run again to resume"
-        )
+        kept = f"; the partial file {part} is kept, run again to resume" if part.exists() else ""
+        raise DownloadError(f"{url}: download failed after {attempts} attempts ({last_error}){kept}")
 
     ok, why = _matches(part, size, digest)
     if not ok:
@@ -218,11 +225,11 @@ def _fetch_rest(url: str, dest: Path, part: Path, size: int | None, timeout: flo
 def fetch_weights(
     filename: str, url: str, sha256: str | None, folder: str | Path, timeout: float = 30.0
 ) -> Path:
-    """`folder/filename`, downloaded from `url` if absent; sha256-verified when pinned."""
+    """`folder/filename`, downloaded from `url` if absent; sha256-verified (digest or prefix) when pinned."""
     folder = Path(folder)
     path = folder / filename
     if path.is_file():
-        if sha256 is None or file_digest(path) == sha256:
+        if sha256 is None or file_digest(path).startswith(sha256):
             return path
         raise UserError(
             f"{path}: sha256 mismatch (expected {sha256}, got {file_digest(path)}); delete it or replace it with the official file from {url}"
@@ -237,3 +244,39 @@ def fetch_weights(
     if sha256 is None:
         print(f"[weights] {filename}: sha256 {file_digest(path)} (not pinned; recorded in teacher.json)")
     return path
+
+
+def writable_folder(folders: Iterable[str | Path]) -> Path | None:
+    """The first of `folders` that exists (created if need be) and can be written to; None if none can."""
+    for folder in map(Path, folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    return None
+
+
+def find_or_download(
+    filename: str,
+    url: str,
+    digest: tuple[str, str] | None,
+    folders: Iterable[str | Path],
+    timeout: float = 30.0,
+    attempts: int = 2,
+) -> Path:
+    """`filename` from the first of `folders` holding it, used as it is (a file put there by hand, or one
+    this function downloaded and verified: torch.hub trusts its cache the same way); else downloaded
+    with `download` (resumable, retried, verified against `digest` before it gets its name) into the
+    first writable folder. DownloadError when none is writable, the download fails or does not verify
+    (then nothing is kept under `filename`)."""
+    folders = [Path(f) for f in folders]
+    found = find_file(filename, folders)
+    if found is not None:
+        return found
+    folder = writable_folder(folders)
+    if folder is None:
+        raise DownloadError(f"none of {', '.join(map(str, folders))} can be written to")
+    print(f"[weights] {filename}: not in {', '.join(map(str, folders))}; downloading {url} into {folder}")
+    return download(url, folder / filename, digest=digest, timeout=timeout, attempts=attempts)

@@ -27,11 +27,12 @@ from torch import nn
 
 from sharpkd.config import LossParams
 from sharpkd.errors import UserError, load_error
-from sharpkd.fetch import find_file
+from sharpkd.fetch import PRETRAINED, DownloadError, find_or_download, resolve_weights_dir
 
-# torchvision's ImageNet VGG19 (VGG19_Weights.IMAGENET1K_V1); the hash prefix is in the name.
-VGG19_FILE = "vgg19-dcbb9e9d.pth"
-VGG19_URL = f"https://download.pytorch.org/models/{VGG19_FILE}"
+# torchvision's ImageNet VGG19 (VGG19_Weights.IMAGENET1K_V1); the sha256 prefix is in the name.
+# Where it is fetched from (and the hash it is verified against) is fetch.PRETRAINED["vgg19"].
+VGG19_FILE = PRETRAINED["vgg19"]["filename"]
+VGG19_URL = PRETRAINED["vgg19"]["url"]
 
 # relu layer name -> index in torchvision's vgg19().features
 VGG19_LAYERS = {
@@ -42,17 +43,24 @@ VGG19_LAYERS = {
 }  # fmt: skip
 
 
-def find_vgg19_weights(weights_dir: Path) -> Path:
-    """VGG19 weights from weights.dir or torchvision's hub cache; a clear error naming both otherwise."""
+def fetch_vgg19_weights(weights_dir: Path) -> Path:
+    """The VGG19 weights from weights.dir or torch's hub cache (`torch.hub.get_dir()/checkpoints`), else
+    downloaded into the first writable of those and verified against torchvision's hash (the sha256
+    prefix in the file's name, checked as torch.hub checks it; a file that fails is removed). A file
+    already in one of those folders is used as it is, as torch.hub uses its cache. One line naming the
+    file, its URL and both folders when it is nowhere and cannot be downloaded (no network)."""
+    spec = PRETRAINED["vgg19"]  # read now, not at import: tests point it at a local server
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    found = find_file(VGG19_FILE, (weights_dir, hub))
-    if found is not None:
-        return found
-    raise UserError(
-        f"loss.perceptual needs the VGG19 ImageNet weights {VGG19_FILE} ({VGG19_URL}), "
-        f"found neither in weights.dir ({weights_dir}) nor in torchvision's cache ({hub}). "
-        f"Download that file into one of those folders, or set loss.perceptual=0."
-    )
+    try:
+        return find_or_download(spec["filename"], spec["url"], ("sha256", spec["sha256"]), (weights_dir, hub))
+    except DownloadError as exc:
+        why = " ".join(str(exc).split()).removeprefix(f"{spec['url']}: ")
+        raise UserError(
+            f"loss.perceptual needs the VGG19 ImageNet weights {spec['filename']} ({spec['url']}), "
+            f"found neither in weights.dir ({weights_dir}) nor in torch's hub cache ({hub}), "
+            f"and it could not be downloaded ({why}). "
+            f"Download that file into one of those folders, or set loss.perceptual=0."
+        ) from None
 
 
 class VGGFeatures(nn.Module):
@@ -174,9 +182,8 @@ class DistillObjective(nn.Module):
         self.perceptual_target = loss.perceptual_target
         self.vgg = None
         if loss.perceptual > 0:
-            self.vgg = VGGFeatures(
-                tuple(loss.perceptual_layers), find_vgg19_weights(weights_dir or Path("."))
-            )
+            weights = fetch_vgg19_weights(weights_dir or resolve_weights_dir())
+            self.vgg = VGGFeatures(tuple(loss.perceptual_layers), weights)
         self.projector = None
         if loss.feature > 0:
             if teacher_feat_channels <= 0:
