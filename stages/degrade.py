@@ -28,7 +28,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     """Whole training images (flat memory-mappable arrays), teacher-only inputs and validation images."""
     d, to = params.data, params.data.teacher_only
     # The teacher-only folder first: missing, empty or unreadable stops here, before any work.
-    scan = scan_unlabeled(to.folder, d.min_side // d.scale, to.max_side) if to.folder else None
+    scan = scan_unlabeled(to, d.min_side // d.scale, params.seed) if to.folder else None
     raw = read_raw_manifest(paths.raw)
     training = plan_training(raw, d.scale, d.min_side, paths.pairs)
     extra = plan_teacher_only(params, training, scan)

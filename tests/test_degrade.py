@@ -487,7 +487,7 @@ def test_bad_unlabeled_folder_fails_before_any_work(case, raw, tmp_path, monkeyp
     says = {
         "missing": "not found",
         "file": "not a folder",
-        "empty": "holds no image files",
+        "empty": "holds no image or video files",
         "unreadable": "no usable image",
         "too_small": "no usable image",
     }[case]

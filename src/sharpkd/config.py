@@ -53,7 +53,8 @@ class SamplesParams:
 class TeacherOnlyParams:
     """Teacher-only inputs (no HR; the teacher's output is their only target), see data/teacher_only.py."""
 
-    folder: str  # folder (recursive) of low-resolution images without a high-resolution version
+    folder: str  # folder (recursive) of low-resolution images and video clips without an HR version
+    frames_per_clip: int = field(metadata=_range(1, None))  # frames sampled from each clip of the folder
     upcycle: tuple[Literal["zoom_in", "zoom_out"], ...]  # the labelled images reused as teacher inputs
     max_side: int = field(metadata=_range(0, None))  # centre crop of each teacher-only input
 

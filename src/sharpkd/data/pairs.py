@@ -22,6 +22,7 @@ import pandas as pd
 from sharpkd.config import Params, flatten
 from sharpkd.data import store
 from sharpkd.data.degradation import center_crop, crop_to_multiple, degrade_image
+from sharpkd.data.footage import ClipFrames
 from sharpkd.data.teacher_only import (
     UnlabeledScan,
     student_input,
@@ -35,7 +36,8 @@ from sharpkd.errors import UserError
 from sharpkd.images import read_rgb, save_image
 from sharpkd.progress import progress
 
-TEACHER_ONLY_KINDS = ("unlabeled", "zoom_in", "zoom_out")
+TEACHER_ONLY_KINDS = ("unlabeled", "frame", "zoom_in", "zoom_out")
+TEACHER_ONLY_COLUMNS = ["index", "kind", "name", "origin", "height", "width"]
 
 
 def image_seed(seed: int, name: str) -> list[int]:
@@ -105,12 +107,14 @@ def plan_training(raw: RawImages, scale: int, min_side: int, out_dir: Path) -> T
 
 @dataclass
 class TeacherOnlyPlan:
-    """One row per teacher-only input (kind, name, origin, the teacher input's height, width); the skipped."""
+    """One row per teacher-only input (kind, name, origin, the teacher input's height, width; a clip's
+    frame: its index); the skipped; the clips of the folder whose frames are used (path -> indices)."""
 
     scale: int
     rows: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     folder: str = ""  # data.teacher_only.folder as scanned, or ""
+    clips: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -123,17 +127,14 @@ class TeacherOnlyPlan:
 
 
 def plan_teacher_only(params: Params, training: TrainingPlan, scan: UnlabeledScan | None) -> TeacherOnlyPlan:
-    """The unlabeled folder's images, then each upcycle kind over the training images; too small: skipped."""
+    """The folder's images and clip frames (as scanned), then each upcycle kind over the training images;
+    too small: skipped."""
     d, s = params.data, params.data.scale
     min_lr_side, max_side = d.min_side // s, d.teacher_only.max_side
-    plan = TeacherOnlyPlan(
-        s, skipped=list(scan.skipped) if scan else [], folder=str(scan.folder) if scan else ""
-    )
+    plan = TeacherOnlyPlan(s)
     if scan is not None:
-        for (name, path), (h, w) in zip(scan.images, scan.sizes, strict=True):
-            plan.rows.append(
-                {"kind": "unlabeled", "name": name, "origin": str(path), "height": h, "width": w}
-            )
+        plan.rows, plan.skipped = list(scan.rows), list(scan.skipped)
+        plan.folder, plan.clips = str(scan.folder), dict(scan.clips)
     upcycle_skipped = []
     for kind in d.teacher_only.upcycle:
         for name, hw in zip(training.names, training.hr_sizes, strict=True):
@@ -202,11 +203,15 @@ def write_training(tmp: Path, raw: RawImages, training: TrainingPlan, params: Pa
         written.close()
 
 
-def _teacher_input(row: dict, train_index: dict[str, int], hr, lr, params: Params) -> np.ndarray:
+def _teacher_input(
+    row: dict, train_index: dict[str, int], hr, lr, clips: ClipFrames, params: Params
+) -> np.ndarray:
     """The teacher's input of one planned teacher-only row; hr / lr: the training images' stores."""
     max_side = params.data.teacher_only.max_side
     if row["kind"] == "unlabeled":
         return unlabeled_input(row["origin"], max_side)
+    if row["kind"] == "frame":
+        return clips.frame(row["origin"], row["frame"])
     i = train_index[row["name"]]
     if row["kind"] == "zoom_in":
         return zoom_in_input(hr.view(i), max_side)
@@ -223,15 +228,15 @@ def write_teacher_only(tmp: Path, plan: TeacherOnlyPlan, training: TrainingPlan,
     teacher_store = store.create(tmp / "teacher_only_lr.npy", plan.sizes)
     student_store = store.create(tmp / "teacher_only_input.npy", plan.sizes, factor=s)
     train_index = {name: i for i, name in enumerate(training.names)}
+    clips = ClipFrames(plan.clips, params.data.teacher_only.max_side)  # one clip's sampled frames at a time
     for j, row in enumerate(progress(plan.rows, desc="degrade: teacher-only inputs", unit="img")):
-        t_in = _teacher_input(row, train_index, hr, lr, params)
+        t_in = _teacher_input(row, train_index, hr, lr, clips, params)
         if t_in.shape[:2] != (row["height"], row["width"]):
             raise UserError(f"{row['origin']} changed while degrade ran; run `dvc repro degrade` again")
         teacher_store.write(j, t_in)
         student_store.write(j, student_input(t_in, s, params.degradation.upscale))
-    pd.DataFrame([{"index": j, **r} for j, r in enumerate(plan.rows)]).to_csv(
-        tmp / "teacher_only_manifest.csv", index=False
-    )
+    rows = [{"index": j, **r} for j, r in enumerate(plan.rows)]
+    pd.DataFrame(rows, columns=TEACHER_ONLY_COLUMNS).to_csv(tmp / "teacher_only_manifest.csv", index=False)
     for written in (teacher_store, student_store):
         written.close()
 
@@ -284,6 +289,7 @@ def pairs_summary(
         "teacher_only_skipped": extra.skipped,
         "teacher_only_bytes": extra.bytes,
         "unlabeled_folder": extra.folder,
+        "unlabeled_clips": len(extra.clips),
         "scale": params.data.scale,
         "min_side": params.data.min_side,
         "seed": params.seed,

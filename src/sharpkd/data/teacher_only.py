@@ -2,6 +2,9 @@
 
 unlabeled  `data.teacher_only.folder`: a folder (recursive) of low-resolution images that have no
            high-resolution version (a user's own footage); each is a teacher input as it is.
+frame      `data.teacher_only.folder`: the video clips in that folder, beside the images: each gives
+           `data.teacher_only.frames_per_clip` frames, sampled from `seed` and the clip's name
+           (data/footage.py), each a teacher input as it is.
 zoom_in    `data.teacher_only.upcycle`: a labelled training image's HR used as the teacher's input (DUKD's
            zoom-in): the teacher's x`scale` output of it is the target.
 zoom_out   `data.teacher_only.upcycle`: a labelled training image's clean LR downscaled again by data.scale
@@ -11,8 +14,9 @@ Each teacher input is centre-cropped to `data.teacher_only.max_side` (0 = whole 
 student's input is the teacher input brought up by `degradation.upscale` to the size of the
 teacher's output, with no further degradation. An input with a side under
 data.min_side / data.scale cannot give one training crop and is skipped (and listed).
-The degrade stage checks the folder before any work: missing, empty, or without one readable
-image of a usable size is a UserError naming it.
+The degrade stage checks the folder before any work, decoding every image and clip once: missing,
+empty, or without one readable image or clip of a usable size is a UserError naming it; an
+unreadable or too small file among good ones is skipped and listed.
 """
 
 from __future__ import annotations
@@ -22,49 +26,97 @@ from pathlib import Path
 
 import numpy as np
 
+from sharpkd.config import TeacherOnlyParams
 from sharpkd.data.degradation import center_crop, crop_to_multiple, resize
+from sharpkd.data.footage import CLIP_SUFFIXES, ClipReadError, frame_name, is_clip, sample_clip
 from sharpkd.errors import UserError
-from sharpkd.images import ImageReadError, list_image_folder, read_rgb
+from sharpkd.images import IMAGE_SUFFIXES, ImageReadError, list_image_folder, read_rgb
+
+KEY = "data.teacher_only.folder"
 
 
 @dataclass
 class UnlabeledScan:
-    """The usable images of data.teacher_only.folder (relative name, path) and what was skipped, with why."""
+    """The usable inputs of data.teacher_only.folder and what was skipped, with why.
+
+    rows: kind (unlabeled or frame), name, origin (the file), height, width (after the centre crop), and
+    for a frame its index in the clip; clips: each used clip's path -> its sampled frame indices."""
 
     folder: Path
-    images: list[tuple[str, Path]] = field(default_factory=list)
-    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) after the centre crop
+    rows: list[dict] = field(default_factory=list)
+    clips: dict[str, tuple[int, ...]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
+    def skip(self, path: Path, why: str) -> None:
+        self.skipped.append(f"{path.relative_to(self.folder).as_posix()}: {why}")
+        print(f"[degrade] skipped {path}: {why}")
 
-def scan_unlabeled(folder: str, lr_side: int, max_side: int) -> UnlabeledScan:
-    """Every image of the data.teacher_only.folder decoded once (sizes, readability), before any work is done."""
-    root = Path(folder).expanduser()
-    files = list_image_folder(root, "data.teacher_only.folder")
+
+def list_footage(folder: Path) -> list[Path]:
+    """The image and video files under `folder`, recursing, sorted; a clear error when there are none."""
+    if not folder.is_dir():
+        list_image_folder(folder, KEY)  # raises: the folder is missing, or a file
+    suffixes = IMAGE_SUFFIXES | CLIP_SUFFIXES
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise UserError(
+            f"params: '{KEY}' = {folder}: no images or clips found (it holds no image or video files: "
+            f"{', '.join(sorted(suffixes))}, searched recursively)"
+        )
+    return files
+
+
+def scan_unlabeled(to: TeacherOnlyParams, lr_side: int, seed: int) -> UnlabeledScan:
+    """Every image and clip of data.teacher_only.folder decoded once (sizes, readability, the frames
+    sampled from each clip), before any work is done."""
+    root = Path(to.folder).expanduser()
+    files = list_footage(root)
     scan = UnlabeledScan(root)
     for path in files:
-        name = path.relative_to(root).as_posix()
         try:
-            img, _ = read_rgb(path)
-        except ImageReadError as exc:
-            scan.skipped.append(f"{name}: unreadable ({exc})")
-            print(f"[degrade] skipped {path}: {exc}")
-            continue
-        h, w = center_crop(img, max_side).shape[:2]
-        if min(h, w) < lr_side:
-            scan.skipped.append(
-                f"{name}: {w}x{h} is smaller than a training crop's {lr_side} pixels per side"
-            )
-            print(f"[degrade] skipped {path}: {w}x{h} is smaller than data.min_side / data.scale = {lr_side}")
-            continue
-        scan.images.append((name, path))
-        scan.sizes.append((h, w))
-    if not scan.images:
+            if is_clip(path):
+                _scan_clip(scan, path, to, lr_side, seed)
+            else:
+                _scan_image(scan, path, to.max_side, lr_side)
+        except (ImageReadError, ClipReadError) as exc:
+            scan.skip(path, f"unreadable ({exc})")
+    if not scan.rows:
         raise UserError(
-            f"data.teacher_only.folder: no usable image in {root} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
+            f"{KEY}: no usable image or clip in {root} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
             f"{' ...' if len(scan.skipped) > 3 else ''})"
         )
     return scan
+
+
+def _too_small(w: int, h: int, lr_side: int) -> str:
+    return f"{w}x{h} is smaller than a training crop's data.min_side / data.scale = {lr_side} pixels per side"
+
+
+def _scan_image(scan: UnlabeledScan, path: Path, max_side: int, lr_side: int) -> None:
+    h, w = center_crop(read_rgb(path)[0], max_side).shape[:2]
+    if min(h, w) < lr_side:
+        scan.skip(path, _too_small(w, h, lr_side))
+        return
+    name = path.relative_to(scan.folder).as_posix()
+    scan.rows.append({"kind": "unlabeled", "name": name, "origin": str(path), "height": h, "width": w})
+
+
+def _scan_clip(scan: UnlabeledScan, path: Path, to: TeacherOnlyParams, lr_side: int, seed: int) -> None:
+    """A clip's sampled frames, each under the same centre crop and size bound as an image."""
+    name = path.relative_to(scan.folder).as_posix()
+    clip = sample_clip(path, name, to.frames_per_clip, seed)
+    kept, small = [], []
+    for index, hw in zip(clip.frames, clip.sizes, strict=True):
+        h, w = _cropped(hw, to.max_side)
+        (small if min(h, w) < lr_side else kept).append((index, h, w))
+    if small:
+        _, h, w = small[0]
+        scan.skip(path, f"{len(small)} of its {len(clip.frames)} sampled frames: {_too_small(w, h, lr_side)}")
+    for index, h, w in kept:
+        row = {"kind": "frame", "name": frame_name(name, index), "origin": str(path), "height": h, "width": w}
+        scan.rows.append({**row, "frame": index})
+    if kept:
+        scan.clips[str(path)] = tuple(index for index, _, _ in kept)
 
 
 def unlabeled_input(path: Path, max_side: int) -> np.ndarray:
