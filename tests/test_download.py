@@ -526,9 +526,10 @@ def test_folder_same_name_in_two_places(tmp_path):
     Image.fromarray(_photo(16, 16, 1)).save(folder / "x.jpg")
     Image.fromarray(_photo(16, 16, 2)).save(folder / "a" / "x.png")
     Image.fromarray(_photo(16, 16, 3)).save(folder / "v.png")
-    params = tiny_params(
-        data={"source": "folder", "folder": {"train": str(folder), "valid": str(folder / "a")}}
-    )
+    valid = tmp_path / "valid"  # apart: a valid folder inside the training one is refused (leakage)
+    valid.mkdir()
+    Image.fromarray(_photo(16, 16, 4)).save(valid / "w.png")
+    params = tiny_params(data={"source": "folder", "folder": {"train": str(folder), "valid": str(valid)}})
     run_download(params, tmp_path / "raw")
     df = _check_raw(tmp_path / "raw")
     assert sorted(df[df.split == "train"].name) == ["a__x", "v", "x", "x_2"]  # nothing overwritten

@@ -222,6 +222,36 @@ def test_extra_sets_are_degraded_deterministically(tmp_path):
     assert not np.array_equal(a[0].input, run(set_name="T")[0].input)
 
 
+ODD = {  # file name -> how it is printed and stored
+    "$5_and_$10": "$5_and_$10",
+    "esc\x1b[2J\x1b[31mred": "esc\\x1b[2J\\x1b[31mred",
+    "two\nlines\r": "two\\nlines\\r",
+}
+
+
+def test_names_with_dollars_and_control_characters(pipeline, tmp_path, capsys):
+    """`$5_and_$10.png` in a set: matplotlib's mathtext crashed evaluate on the figure title after all the
+    scoring. Names with ESC sequences, newline, CR are evaluated and printed and stored escaped."""
+    from sharpkd.images import read_rgb
+
+    hr = read_rgb(sorted((pipeline / "data/pairs/valid/hr").glob("*.png"))[0])[0]
+    folder = tmp_path / "odd"
+    for i, name in enumerate(ODD):
+        save_image(folder / f"{name}.png", hr[i * 4 : i * 4 + 40, :48])
+    save_image(folder / "tiny\x1b]0;title\x07.png", hr[:8, :8])
+    out = tmp_path / "metrics"
+    sets = {"odd": str(folder)}
+    settings = {"sets": sets, "compare_images": 3, "crop": 32, "teacher_speed_repeats": 0, "lpips": False}
+    ev = _run(pipeline, out, eval=settings)
+    printed = capsys.readouterr()
+    assert "\x1b" not in printed.out + printed.err and "\x07" not in printed.out + printed.err
+    assert ev["odd.images"] == 3 and "tiny\\x1b]0;title\\x07.png" in ev["odd.problems"]
+    df = pd.read_csv(out / "per_image.csv", keep_default_na=False)
+    assert set(df[df.set == "odd"].image) == set(ODD.values())
+    figures = sorted(p.name for p in (out / "compare").glob("odd_*.png"))
+    assert figures == ["odd_00__5_and__10.png", "odd_01_esc_x1b_2J_x1b_31mred.png", "odd_02_two_nlines_r.png"]
+
+
 # ---------------------------------------------------------------- published numbers
 
 

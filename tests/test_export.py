@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -195,3 +196,51 @@ def test_int8_model_is_calibrated_timed_and_scored(workspace):
     x = torch.rand(1, 3, 37, 29)  # noise: further from the calibration crops than any photo
     fp32 = load_model(workspace / "models/export/student.onnx")
     assert (load_model(int8).apply(x, 64, 8) - fp32.apply(x, 64, 8)).abs().mean() < 0.01
+
+
+HOSTILE = "<img src=x onerror=alert(1)>.png"
+
+
+def test_model_card_markdown_shows_names_and_params_as_text(tmp_path):
+    """File names and params go into model_card.md as text: an eval set's problem naming
+    `<img src=x onerror=alert(1)>.png` is no live tag, a newline starts no heading, `|` splits no cell."""
+    from markdown_it import MarkdownIt
+
+    from sharpkd.model_card import model_card
+
+    problems = (
+        f"eval.sets.odd: {HOSTILE}: cannot decode image; a|b.png: too small; x\n# pwned\r\n| c | d |.png; "
+        "[click](javascript:alert(1)).png; ![p](http://127.0.0.1/p.png).png"
+    )
+    (tmp_path / "eval.json").write_text(
+        json.dumps({"valid.student.psnr": 26.5, "odd|set.student.psnr": 20.0, "odd.problems": problems})
+    )
+    (tmp_path / "student.onnx").write_bytes(b"onnx")
+    params = tiny_params(eval={"sets": {"odd": f"/sets/<b>bold</b>|\n## {HOSTILE}"}})
+    _, md = model_card(
+        trained_tiny_student(),
+        params,
+        {"student.onnx": tmp_path / "student.onnx"},
+        {"timing.device": "cpu: <script>x</script>"},
+        teacher_dir=tmp_path / "no_teacher\n# x",
+        manifest=tmp_path / "none.csv",
+        eval_path=tmp_path / "eval.json",
+        student_json=tmp_path / "none.json",
+    )
+    tokens = MarkdownIt("commonmark").enable("table").parse(md)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings[0].startswith("sharpkd student") and not [h for h in headings if "pwned" in h or "x" == h]
+    assert not [t for t in tokens if t.type in ("html_block", "html_inline")]
+    html = MarkdownIt("commonmark").enable("table").render(md)
+    assert "<img" not in html and "<script" not in html and "<b>" not in html and "<a " not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in html
+    # Every row of every table has as many cells as its header.
+    for table in html.split("<table>")[1:]:
+        table = table.split("</table>")[0]
+        header = len(re.findall(r"<th[ >]", table.split("</thead>")[0]))
+        rows = table.partition("<tbody>")[2].split("</tr>")[:-1]
+        assert header and all(len(re.findall(r"<td[ >]", row)) == header for row in rows), table
+    # The problem's text survives whole in one cell, its newline shown as \n.
+    assert "a|b.png: too small; x\\n# pwned\\r\\n| c | d |.png" in html
+    assert "odd|set" in html and "[click](javascript:alert(1)).png" in html
+    assert "jpeg_quality=[70, 95]" in md  # what cannot be live stays as it reads

@@ -480,3 +480,100 @@ def test_two_process_gloo(pipeline, tmp_path):
     summary = json.loads((work / "metrics/train.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 12
     assert (work / "models/student/student.pth").is_file()
+
+
+# ---------------------------------------------------------------- the teacher cache changed behind DVC's back
+
+
+def test_cache_json_records_the_sha256_of_each_array(pipeline):
+    from sharpkd.fetch import file_digest
+
+    cache = pipeline / "data/teacher"
+    info = json.loads((cache / "cache.json").read_text())
+    recorded = info["pools"]["train"]["sha256"]
+    assert recorded == {name: file_digest(cache / name) for name in ("train_out.npy", "train_feat.npy")}
+    assert info["hash_seconds"] >= 0
+
+
+def _corrupt(path: Path, how: str) -> None:
+    """Change a store array as a disk error or a stray tool would: `same_size` keeps its size and mtime (DVC's
+    state cache then still takes it for the file it hashed), `truncated` cuts its end off."""
+    st = path.stat()
+    if how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(st.st_size - 100)
+        return
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    "file,how,says",
+    [
+        (
+            "data/teacher/train_out.npy",
+            "same_size",
+            "data/teacher/train_out.npy does not match the sha256 cache_teacher recorded in cache.json",
+        ),
+        (
+            "data/teacher/train_out.npy",
+            "truncated",
+            "data/teacher/train_out.npy does not match the sha256 cache_teacher recorded in cache.json",
+        ),
+        (
+            "data/pairs/train_input.npy",
+            "truncated",
+            "data/pairs/train_input.npy cannot be read as a .npy array (mmap length is greater than file size)",
+        ),
+    ],
+)
+def test_a_changed_store_array_stops_distill_with_one_line(pipeline, tmp_path, file, how, says):
+    """stages/distill.py run directly (as after a `dvc status` that saw nothing): one line naming the file and
+    the `dvc repro -f` that rebuilds it, exit status 1, before any step, and nothing written."""
+    import shutil
+
+    import yaml
+
+    import sharpkd
+    from helpers import TINY, deep_update, repo_params_dict
+
+    repo = tmp_path / "repo"
+    for sub in ("pairs", "teacher"):
+        shutil.copytree(pipeline / "data" / sub, repo / "data" / sub)
+    (repo / "params.yaml").write_text(yaml.safe_dump(deep_update(repo_params_dict(), TINY)))
+    _corrupt(repo / file, how)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages/distill.py")],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(Path(sharpkd.__file__).parents[1]), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error [distill]")]
+    assert len(errors) == 1 and says in errors[0], proc.stderr[-3000:]
+    stage = "cache_teacher" if "teacher" in file else "degrade"
+    assert errors[0].endswith(f"run `dvc repro -f {stage}`")
+    assert not (repo / "models/student").exists() and not (repo / "models/checkpoints").exists()
+
+
+def test_a_checkpoint_resumes_only_on_the_cache_it_was_trained_on(pipeline, tmp_path):
+    """The arrays' sha256 are part of the resume fingerprint: the same bytes resume (a finished run runs no
+    step), other teacher outputs with their own checksums (a rebuilt cache that differs) train again."""
+    import shutil
+
+    from sharpkd.fetch import file_digest
+
+    cache = tmp_path / "cache"
+    shutil.copytree(pipeline / "data/teacher", cache)
+    params = tiny_params()
+    assert _distill_with_cache(pipeline, params, cache, "run")["resumed_from"] == 0
+    assert _distill_with_cache(pipeline, params, cache, "run")["resumed_from"] == 12
+    _corrupt(cache / "train_out.npy", "same_size")
+    info = json.loads((cache / "cache.json").read_text())
+    info["pools"]["train"]["sha256"]["train_out.npy"] = file_digest(cache / "train_out.npy")
+    (cache / "cache.json").write_text(json.dumps(info))
+    assert _distill_with_cache(pipeline, params, cache, "run")["resumed_from"] == 0

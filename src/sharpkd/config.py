@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -388,6 +389,54 @@ def _check_relations(p: Params) -> None:
     if not 1 <= p.degradation.jpeg_quality[0] <= p.degradation.jpeg_quality[1] <= 100:
         raise ConfigError("params: 'degradation.jpeg_quality' values must be between 1 and 100")
     _check_teacher_use(p)
+    _check_folders(p)
+
+
+# What the stages write, relative to the repository root they run in (docs/architecture.md).
+OUTPUT_FOLDERS = ("data", "models", "metrics")
+
+
+def _input_folders(p: Params) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(key, folder) of the image folders params name that are read: (trained on, validated / evaluated on)."""
+    train = [("data.teacher_only.folder", p.data.teacher_only.folder)]
+    held_out = [(f"eval.sets.{name}", folder) for name, folder in p.eval.sets.items()]
+    if p.data.source == "folder":
+        train.append(("data.folder.train", p.data.folder.train))
+        held_out.append(("data.folder.valid", p.data.folder.valid))
+    return [(k, f) for k, f in train if f], [(k, f) for k, f in held_out if f]
+
+
+def _real(folder: str) -> Path:
+    """Where `folder` is, as the stages resolve it (from the working directory, `~` expanded), links
+    followed. Path work only: nothing is listed, a missing folder is fine (degrade and evaluate check)."""
+    return Path(os.path.realpath(Path(folder).expanduser()))
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _check_folders(p: Params) -> None:
+    """No input folder inside (or around) the pipeline's outputs, none trained on inside (or around) one
+    validated or evaluated on: either would feed the validation split or the teacher's outputs to the
+    student silently."""
+    train, held_out = ([(key, folder, _real(folder)) for key, folder in side] for side in _input_folders(p))
+    outputs = [(name, _real(name)) for name in OUTPUT_FOLDERS]
+    for key, folder, real in train + held_out:
+        for name, out in outputs:
+            if _overlap(real, out):
+                raise ConfigError(
+                    f"params: '{key}' = {folder!r} overlaps the pipeline's output folder {name}/ ({out}): its "
+                    "images would include what the stages write (the validation split, the teacher's outputs); "
+                    "use a folder outside data/, models/ and metrics/"
+                )
+    for key, folder, real in train:
+        for other, held, held_real in held_out:
+            if _overlap(real, held_real):
+                raise ConfigError(
+                    f"params: '{key}' = {folder!r} overlaps '{other}' = {held!r}: images the student is "
+                    "validated or evaluated on would be trained on; use folders that do not contain each other"
+                )
 
 
 def _check_teacher_use(p: Params) -> None:

@@ -11,6 +11,7 @@ rank trains (DDP, train.fit) and rank 0 alone validates and returns the result.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import torch
 
 from sharpkd.config import Params, flatten
 from sharpkd.crop_training import fit_on_crops, loop_config
-from sharpkd.data.datasets import TrainPatches, load_valid, read_pairs_info, teacher_only_count
+from sharpkd.data.datasets import TEACHER_FILES, TrainPatches, load_valid, read_pairs_info, teacher_only_count
 from sharpkd.errors import UserError
-from sharpkd.fetch import resolve_weights_dir
+from sharpkd.fetch import file_digest, resolve_weights_dir
 from sharpkd.losses import DistillObjective
 from sharpkd.models import count_params
 from sharpkd.models.student import Student, conv_macs
@@ -57,6 +58,9 @@ def distill_student(
         student, params.loss, cache_info.get("feature_channels", 0), resolve_weights_dir(params.weights.dir)
     )
     d = params.distill
+    if d.teacher:
+        kinds = ("train", "teacher_only") if d.teacher_only_fraction > 0 else ("train",)
+        verify_cache(teacher_cache_dir, cache_info, objective.needed_keys(), kinds)
     patches = TrainPatches(
         pairs_dir,
         teacher_cache_dir if d.teacher else None,
@@ -123,9 +127,48 @@ def training_params(params: Params) -> dict:
 
 
 def cache_identity(cache_info: dict) -> dict:
-    """cache.json without the fields that time its making (they differ between identical caches)."""
-    timings = ("device", "lr_pixels_per_s", "train_seconds", "valid_seconds")
+    """cache.json without the fields that time its making (they differ between identical caches).
+
+    The arrays' sha256 (`pools.<kind>.sha256`) stay in: a checkpoint resumes only against the very
+    outputs it was trained on (a rebuilt cache of the same bytes still resumes; one whose teacher or
+    arithmetic changed them trains again instead of mixing two targets)."""
+    timings = ("device", "lr_pixels_per_s", "train_seconds", "valid_seconds", "hash_seconds")
     return {k: v for k, v in cache_info.items() if k not in timings}
+
+
+def verify_cache(teacher_cache_dir: Path, cache_info: dict, keys, kinds) -> None:
+    """The teacher's arrays this run reads (`keys` of `kinds`) against the sha256 cache_teacher recorded in
+    cache.json, before any step: DVC compares a file's size and mtime first, so a same-size change that
+    kept its mtime leaves `dvc status` clean. Costs one read of those arrays (about 1 GB/s of sha256
+    here, plus the disk: ~15 s for the full profile's 15 GB)."""
+    folder = Path(teacher_cache_dir)
+    names = [TEACHER_FILES[kind][key] for kind in kinds for key in ("teacher", "feat") if key in keys]
+    sums = {
+        n: d for kind in kinds for n, d in cache_info.get("pools", {}).get(kind, {}).get("sha256", {}).items()
+    }
+    if not names:
+        return
+    unrecorded = [n for n in names if n not in sums]
+    if unrecorded:
+        print(
+            f"[distill] {folder / 'cache.json'} records no checksum of {', '.join(unrecorded)} (made by an "
+            "older sharpkd): not verified; `dvc repro -f cache_teacher` records them"
+        )
+    t0, total = time.perf_counter(), 0
+    for name in (n for n in names if n in sums):
+        path = folder / name
+        if not path.is_file():
+            raise UserError(
+                f"{path} not found: the teacher cache is incomplete; run `dvc repro -f cache_teacher`"
+            )
+        total += path.stat().st_size
+        if file_digest(path) != sums[name]:
+            raise UserError(
+                f"{path} does not match the sha256 cache_teacher recorded in cache.json (changed since it was "
+                "written); run `dvc repro -f cache_teacher`"
+            )
+    seconds = time.perf_counter() - t0
+    print(f"[distill] teacher cache verified: {total / 1e9:.3f} GB in {seconds:.1f} s")
 
 
 def read_cache_info(teacher_cache_dir: Path, needs_training_outputs: bool) -> dict:

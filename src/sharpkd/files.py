@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,38 @@ _UMASK = _umask()
 
 # Temporaries are named `.<name>.<pid>-<random>.tmp[<suffix>]` beside their target: the pid of the
 # writer is in the name, so a later writer can tell a killed one's leftovers from a live one's.
+# `<name>` is shortened where the whole would not fit the file system's name limit (`_fit`).
 _TEMP = re.compile(r"\..+\.(\d+)-[a-z0-9_]{8}\.tmp(\.[^.]*)?")
+_RANDOM = 8  # characters tempfile puts between prefix and suffix
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}-"
+def _name_max(folder: Path) -> int:
+    """The longest file name `folder` takes, in bytes (255 on the usual file systems)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def _fit(name: str, room: int) -> str:
+    """`name` if it takes at most `room` bytes, else its start and `~` + a hash of the whole (12 bytes
+    less), cut on a character boundary, so that two long names sharing a start stay apart."""
+    if len(os.fsencode(name)) <= room:
+        return name
+    mark = f"~{zlib.crc32(os.fsencode(name)):08x}"
+    cut = name[: max(room - len(mark), 1)]
+    while len(cut) > 1 and len(os.fsencode(cut)) > room - len(mark):
+        cut = cut[:-1]
+    return cut + mark
+
+
+def _temp_names(path: Path, tail: str) -> tuple[str, str]:
+    """(prefix, suffix) of a temporary beside `path` ending in `tail` (`.tmp` + a suffix): the name
+    part shortened until the whole name, random part included, fits the folder's name limit."""
+    pid = f".{os.getpid()}-"
+    room = _name_max(path.parent) - 1 - len(pid) - _RANDOM  # 1: the leading dot
+    tail = _fit(tail, room // 2) if len(os.fsencode(tail)) > room // 2 else tail
+    return f".{_fit(path.name, room - len(os.fsencode(tail)))}{pid}", tail
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
@@ -65,7 +93,8 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp" + path.suffix, dir=path.parent)
+    prefix, suffix = _temp_names(path, ".tmp" + path.suffix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -100,11 +129,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.with_name(f".{path.name}.old")
+    old = path.with_name(f".{_fit(path.name, _name_max(path.parent) - 5)}.old")
     remove_stale_temps(path.parent)
     # Only ever left behind by a kill between the two renames below (one writer per output).
     shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    prefix, suffix = _temp_names(path, ".tmp")
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,13 @@ class ImageReadError(UserError):
 
 def printable(path: str | Path) -> str:
     """A file name as text that can be printed and stored anywhere: bytes that are not UTF-8
-    (Python holds them as lone surrogates, which stdout, CSV and SQLite refuse) become \\xNN."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    (Python holds them as lone surrogates, which stdout, CSV and SQLite refuse) become \\xNN, and
+    characters that are not printable (ESC sequences, newline, CR, tab, bidi overrides) are written as
+    Python writes them in a string literal (\\x1b, \\n, \\u202e); everything printable is kept as it is."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass
@@ -52,25 +59,68 @@ class LoadedImage:
         return 16 if self.rgb.dtype == np.uint16 else 8
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under `folder`, recursing, in a stable (sorted) order."""
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+# What Path.is_file() takes for "no such file" rather than an error (pathlib's own list).
+_ABSENT = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
+
+
+def list_files(
+    folder: str | Path, suffixes: set[str], unreadable: list[tuple[Path, str]] | None = None
+) -> list[Path]:
+    """Files under `folder` (recursing, not into linked folders) whose suffix is one of `suffixes`, sorted:
+    what `sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)` gives,
+    except that a folder or entry that cannot be read (permissions) is skipped, never raised: it is
+    appended to `unreadable` as (path, why), or said on stderr when no list is given."""
+    found, todo, skipped = [], [Path(folder)], []
+    while todo:
+        here = todo.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = list(it)
+        except OSError as exc:
+            skipped.append((here, f"cannot be read ({exc.strerror or exc})"))
+            continue
+        for entry in entries:
+            path = here / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(path)
+                elif path.suffix.lower() in suffixes and entry.is_file():
+                    found.append(path)
+            except OSError as exc:
+                if exc.errno not in _ABSENT:
+                    skipped.append((path, f"cannot be read ({exc.strerror or exc})"))
+    if unreadable is None:
+        for path, why in skipped:
+            print(f"skipped {printable(path)}: {why}", file=sys.stderr)
+    else:
+        unreadable += skipped
+    return sorted(found)
+
+
+def list_images(folder: str | Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Image files under `folder`, recursing, in a stable (sorted) order; entries that cannot be read
+    are skipped (`list_files`)."""
+    return list_files(folder, IMAGE_SUFFIXES, unreadable)
 
 
 def list_image_folder(folder: str | Path, key: str) -> list[Path]:
-    """list_images of the folder a params key names; a clear error when it is missing, a file or empty."""
+    """list_images of the folder a params key names; a clear error when it is missing, a file or empty.
+    Entries that cannot be read are skipped, each said in a line naming the key."""
     folder = Path(folder).expanduser()
     if not folder.exists():
         # Queued DVC experiments run in a copy of the repository, where a relative path points elsewhere.
-        raise UserError(f"params: '{key}' = {folder}: folder not found (use an absolute path)")
+        raise UserError(f"params: '{key}' = {printable(folder)}: folder not found (use an absolute path)")
     if not folder.is_dir():
-        raise UserError(f"params: '{key}' = {folder}: is not a folder")
-    files = list_images(folder)
+        raise UserError(f"params: '{key}' = {printable(folder)}: is not a folder")
+    unreadable: list[tuple[Path, str]] = []
+    files = list_images(folder, unreadable)
+    for path, why in unreadable:
+        print(f"[{key}] skipped {printable(path)}: {why}", file=sys.stderr)
     if not files:
+        why = f"; {len(unreadable)} entries could not be read" if unreadable else ""
         raise UserError(
-            f"params: '{key}' = {folder}: no images found (it holds no image files: "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))}, searched recursively)"
+            f"params: '{key}' = {printable(folder)}: no images found (it holds no image files: "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}, searched recursively{why})"
         )
     return files
 

@@ -3,12 +3,15 @@ how good and how fast it is (from metrics/eval.json and the export's own figures
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 from sharpkd import __version__
 from sharpkd.config import PIPELINE_GROUPS, Params, flatten
 from sharpkd.fetch import file_digest
+from sharpkd.images import printable
 from sharpkd.models import count_params
 from sharpkd.models.student import Student, conv_macs
 from sharpkd.timing import FRAME_1080P
@@ -62,15 +65,29 @@ LIMITS = [
 ]
 
 
+# Markdown's active characters, written as text by a backslash: `\` ` * |, `_` where it could open or close
+# emphasis (not inside a word: `patch_size` stays as it is), and `]` before `(`, which would close a link or
+# an image (a list such as [70, 95] stays as it is: the card defines no reference links).
+_MD_ACTIVE = re.compile(r"[\\`*|]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\](?=\()")
+
+
+def md_text(value) -> str:
+    """`value` as markdown text that renders as itself on one line: control characters escaped (a newline
+    starts no heading or row), `<`, `>`, `&` as HTML entities (no live tag), the rest backslash-escaped
+    (`|` splits no table cell)."""
+    text = html.escape(printable(str(value)), quote=False)
+    return _MD_ACTIVE.sub(lambda m: "\\" + m.group(0), text)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         if v is None:
             return "n/a"
         if isinstance(v, float):
             return f"{v:.6g}"
-        return str(v)
+        return md_text(v)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(map(md_text, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -204,20 +221,20 @@ def model_card(
             _table(["item", "value"], [[k, v] for k, v in teacher.items() if not isinstance(v, dict | list)])
         )
     else:
-        md.append(f"unknown ({teacher_dir / 'teacher.json'} not found)")
+        md.append(md_text(f"unknown ({teacher_dir / 'teacher.json'} not found)"))
     md += [
         "",
         "## Data",
         "",
         _table(["item", "value"], [[k, v] for k, v in data.items() if k != "degradation"]),
         "",
-        "Degradation: " + ", ".join(f"{k}={v}" for k, v in data["degradation"].items()) + ".",
+        "Degradation: " + md_text(", ".join(f"{k}={v}" for k, v in data["degradation"].items())) + ".",
     ]
     md += [
         "",
         "## Evaluation",
         "",
-        _eval_table(evaluation) if evaluation else f"not available ({eval_path} not found)",
+        _eval_table(evaluation) if evaluation else md_text(f"not available ({eval_path} not found)"),
     ]
     md += [
         "",
@@ -228,8 +245,12 @@ def model_card(
     timing = card["timing"]
     md += [
         "",
-        f"## Speed (one 1080p frame, median of {timing.get('timing.repeats')}, "
-        f"torch threads {timing.get('timing.torch_threads')}, {timing.get('timing.device')})",
+        "## Speed (one 1080p frame, "
+        + md_text(
+            f"median of {timing.get('timing.repeats')}, torch threads {timing.get('timing.torch_threads')}, "
+            f"{timing.get('timing.device')}"
+        )
+        + ")",
         "",
         _table(["model", "runtime", "ms per frame", "frames/s", "note"], _speed_rows(card["speed"])),
     ]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from sharpkd.images import printable
+
 CAPTIONS = {"bicubic": "input (bicubic)", "teacher": "teacher", "student": "student"}
 # DESIGN.md: published Set5 / Set14 x4 numbers (PSNR dB, SSIM), for the quality-vs-speed plot.
 PUBLISHED_X4 = {
@@ -19,6 +21,11 @@ PUBLISHED_X4 = {
     },
     "Set14": {"bicubic": (26.00, 0.7027), "SwinIR-M": (28.94, 0.7914)},
 }
+
+
+# Text drawn as given: a file name such as `$5_and_$10.png` is not mathtext (which would fail on it after all
+# the scoring), nor LaTeX where a user's matplotlibrc sets text.usetex.
+PLAIN = {"parse_math": False, "usetex": False}
 
 
 def _safe(name: str) -> str:
@@ -36,12 +43,13 @@ def save_compare(path: Path, set_name: str, item: dict, scale: int) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.9), dpi=100)
     for ax, (key, label) in zip(axes, panels, strict=True):
         ax.imshow(item["crops"][key], interpolation="nearest")
-        ax.set_title(label if key == "hr" else f"{label}\n{item['psnr'][key]:.2f} dB", fontsize=10)
+        ax.set_title(label if key == "hr" else f"{label}\n{item['psnr'][key]:.2f} dB", fontsize=10, **PLAIN)
         ax.axis("off")
     fig.suptitle(
-        f"{set_name} / {item['image']}: {side}x{side} crop at x={x}, y={y} "
+        f"{set_name} / {printable(item['image'])}: {side}x{side} crop at x={x}, y={y} "
         f"(PSNR of the whole image: Y channel, border {scale} px)",
         fontsize=10,
+        **PLAIN,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave room for the suptitle
     fig.savefig(path)
@@ -71,6 +79,7 @@ def save_quality_speed_plot(path: Path, table: pd.DataFrame, scale: int, notes: 
                 textcoords="offset points",
                 xytext=(6, 4),
                 fontsize=8,
+                **PLAIN,
             )
     anchors = []
     if scale == 4:
@@ -88,7 +97,7 @@ def save_quality_speed_plot(path: Path, table: pd.DataFrame, scale: int, notes: 
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("ms per 1080p frame (log scale)")
     ax.set_ylabel("PSNR (dB, Y channel)")
-    ax.set_title("quality vs speed" + (f"\n{'; '.join(notes)}" if notes else ""), fontsize=10)
+    ax.set_title("quality vs speed" + (f"\n{'; '.join(notes)}" if notes else ""), fontsize=10, **PLAIN)
     ax.grid(True, which="both", alpha=0.3)
     if anchors:
         # Published anchors have no speed measured here: named on a right-hand axis at their PSNR.

@@ -8,7 +8,9 @@ projection fitted once on a seeded sample of crops), each kind one flat array al
 validation image. The size is estimated before anything is written and bounded by cache.max_gb.
 With distill.teacher false (the no-teacher baseline) only the validation outputs are made, which
 evaluate's teacher row needs. The stage (stages/cache_teacher.py) writes all of it into a temporary
-folder that replaces data/teacher only when complete, cache.json last.
+folder that replaces data/teacher only when complete, cache.json last; cache.json records the sha256
+of every array (`pools.<kind>.sha256`), which distill checks before training (DVC's size-and-mtime
+state cache does not see a same-size change that kept the mtime).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sharpkd.config import CacheParams, Params
 from sharpkd.data import store
 from sharpkd.data.datasets import PAIR_FILES, TEACHER_FILES, image_sizes, load_valid, read_pairs_info
 from sharpkd.errors import UserError
+from sharpkd.fetch import file_digest
 from sharpkd.images import save_image, to_image, to_tensor
 from sharpkd.inference import default_device, run_tiled, tiled_apply
 from sharpkd.models.teacher import load_teacher
@@ -262,13 +265,15 @@ def save_projection(path: Path, runner: TeacherRunner) -> None:
     np.savez(path, mean=mean, components=components, layers=np.array(runner.layers))
 
 
-def cache_pool(tmp: Path, kind: str, lr_images: store.FlatImages, runner: TeacherRunner) -> None:
-    """The teacher's output (output grid) and features (LR grid) of every image of one pool."""
-    outs = store.create(tmp / TEACHER_FILES[kind]["teacher"], lr_images.sizes, factor=runner.s)
+def cache_pool(tmp: Path, kind: str, lr_images: store.FlatImages, runner: TeacherRunner) -> list[Path]:
+    """The teacher's output (output grid) and features (LR grid) of every image of one pool; returns
+    the arrays written."""
+    paths = [tmp / TEACHER_FILES[kind]["teacher"]]
+    outs = store.create(paths[0], lr_images.sizes, factor=runner.s)
     feats = None
     if runner.tap is not None:
-        path = tmp / TEACHER_FILES[kind]["feat"]
-        feats = store.create(path, lr_images.sizes, runner.channels, dtype=np.float16)
+        paths.append(tmp / TEACHER_FILES[kind]["feat"])
+        feats = store.create(paths[1], lr_images.sizes, runner.channels, dtype=np.float16)
     for i in progress(range(len(lr_images)), desc=f"teacher on {kind} images", unit="img"):
         out, feat = runner(np.ascontiguousarray(lr_images.view(i)))
         outs.write(i, out)
@@ -277,13 +282,15 @@ def cache_pool(tmp: Path, kind: str, lr_images: store.FlatImages, runner: Teache
     for written in (outs, feats):
         if written is not None:
             written.close()
+    return paths
 
 
 @dataclass
 class TrainingCache:
-    pools: dict[str, dict]  # kind -> images, bytes
+    pools: dict[str, dict]  # kind -> images, bytes, sha256 (file name -> digest)
     lr_pixels: int
-    seconds: float
+    seconds: float  # the teacher's time, hashing not included
+    hash_seconds: float = 0.0
 
     @property
     def lr_pixels_per_s(self) -> float:
@@ -293,13 +300,17 @@ class TrainingCache:
 def cache_training(
     tmp: Path, pools: dict[str, store.FlatImages], runner: TeacherRunner, sizes: dict[str, int]
 ) -> TrainingCache:
-    """Every pool through the teacher, timed (the LR pixels/s the summary reports)."""
-    t0, pixels, summary = time.perf_counter(), 0, {}
+    """Every pool through the teacher, timed (the LR pixels/s the summary reports), and the sha256 of each
+    array once it is complete, which distill checks before training (fetch.file_digest, the one hash)."""
+    t0, pixels, summary, hashing = time.perf_counter(), 0, {}, 0.0
     for kind, lr_images in pools.items():
-        cache_pool(tmp, kind, lr_images, runner)
+        written = cache_pool(tmp, kind, lr_images, runner)
+        t1 = time.perf_counter()
+        sha256 = {path.name: file_digest(path) for path in written}
+        hashing += time.perf_counter() - t1
         pixels += int(lr_images.sizes.prod(axis=1).sum())
-        summary[kind] = {"images": len(lr_images), "bytes": sizes[kind]}
-    return TrainingCache(summary, pixels, time.perf_counter() - t0)
+        summary[kind] = {"images": len(lr_images), "bytes": sizes[kind], "sha256": sha256}
+    return TrainingCache(summary, pixels, time.perf_counter() - t0 - hashing, hashing)
 
 
 @dataclass
@@ -344,6 +355,7 @@ def cache_summary(
         "device": str(teacher.device),
         "lr_pixels_per_s": training.lr_pixels_per_s,
         "train_seconds": round(training.seconds, 2),
+        "hash_seconds": round(training.hash_seconds, 2),
         "valid_seconds": round(valid.seconds, 2),
         "bytes": size,
         "pools": training.pools,

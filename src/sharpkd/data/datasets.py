@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sharpkd.data.store import open_images
+from sharpkd.data.store import load_flat, open_images
 from sharpkd.errors import UserError
 from sharpkd.images import read_rgb
 
@@ -39,12 +39,6 @@ TEACHER_FILES = {
 MANIFESTS = {"train": "train_manifest.csv", "teacher_only": "teacher_only_manifest.csv"}
 LR_GRID = ("lr", "feat")  # keys on the LR grid; the others are on the output (HR) grid
 KEYS = ("hr", "lr", "input", "teacher", "feat")
-
-
-def _load(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise UserError(f"{path} not found; run the stage that produces it (`dvc repro`)")
-    return np.load(path, mmap_mode="r")
 
 
 def read_pairs_info(pairs_dir: str | Path) -> dict:
@@ -154,11 +148,11 @@ class TrainPatches:
         arrays = {}
         for key in keys:
             if key in PAIR_FILES[kind]:
-                arrays[key] = _load(Path(pairs_dir) / PAIR_FILES[kind][key])
+                arrays[key] = load_flat(Path(pairs_dir) / PAIR_FILES[kind][key], "degrade")
             else:
                 if teacher_dir is None:
                     raise ValueError(f"{key} needs teacher_dir")
-                arrays[key] = _load(Path(teacher_dir) / TEACHER_FILES[kind][key])
+                arrays[key] = load_flat(Path(teacher_dir) / TEACHER_FILES[kind][key], "cache_teacher")
         return ImagePool(kind, sizes, self.scale, arrays)
 
     def __len__(self) -> int:

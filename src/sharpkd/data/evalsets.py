@@ -3,6 +3,7 @@ split, seeded per image so the numbers repeat. Used by the evaluate stage and by
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from sharpkd.config import DegradationParams
 from sharpkd.data.degradation import crop_to_multiple, degrade_image
-from sharpkd.images import ImageReadError, list_images, read_rgb
+from sharpkd.images import ImageReadError, list_images, printable, read_rgb
 
 
 @dataclass
@@ -42,8 +43,9 @@ def problem(problems: list[str], message: str) -> None:
 
 
 def image_seed(seed: int, set_name: str, image: str) -> list[int]:
-    """Per-image seed of an extra set's degradation: independent of the other images and sets."""
-    return [seed, 2, zlib.crc32(set_name.encode()), zlib.crc32(image.encode())]
+    """Per-image seed of an extra set's degradation: independent of the other images and sets.
+    (os.fsencode: the UTF-8 bytes of a name, and the file's own bytes of one that is not UTF-8.)"""
+    return [seed, 2, zlib.crc32(set_name.encode()), zlib.crc32(os.fsencode(image))]
 
 
 def extra_set_images(
@@ -57,21 +59,7 @@ def extra_set_images(
 ) -> Iterator[EvalImage]:
     """The HR images of one eval.sets folder, degraded; problems are appended to `problems` and skipped."""
     key = f"eval.sets.{set_name}"
-    if not folder:
-        problem(problems, f"{key}: no folder given")
-        return
-    folder = Path(folder)
-    if not folder.is_dir():
-        problem(
-            problems,
-            f"{key}: {folder} is not a folder" if folder.exists() else f"{key}: folder {folder} not found",
-        )
-        return
-    paths = list_images(folder)
-    if not paths:
-        problem(problems, f"{key}: no images in {folder}")
-        return
-    for p in paths:
+    for p in _set_files(key, folder, problems):
         name = p.relative_to(folder).with_suffix("").as_posix()
         try:
             hr = crop_to_multiple(read_rgb(p)[0], scale)
@@ -79,9 +67,34 @@ def extra_set_images(
             problem(problems, f"{key}: {exc}")
             continue
         if why := too_small(hr, min_side, scale):
-            problem(problems, f"{key}: {p}: {why}")
+            problem(problems, f"{key}: {printable(p)}: {why}")
             continue
         lr, degraded, _ = degrade_image(
             hr, scale, deg, np.random.default_rng(image_seed(seed, set_name, name))
         )
-        yield EvalImage(name, hr, lr, degraded)
+        # The name is printed and stored (per_image.csv, eval.json, figure titles): escaped; the seed
+        # above is the file's own name.
+        yield EvalImage(printable(name), hr, lr, degraded)
+
+
+def _set_files(key: str, folder: str | Path, problems: list[str]) -> list[Path]:
+    """The image files of one eval.sets folder; a missing folder, one without images and each entry
+    that cannot be read are problems (the rest is still evaluated)."""
+    if not folder:
+        problem(problems, f"{key}: no folder given")
+        return []
+    folder = Path(folder)
+    shown = printable(folder)
+    if not folder.is_dir():
+        problem(
+            problems,
+            f"{key}: {shown} is not a folder" if folder.exists() else f"{key}: folder {shown} not found",
+        )
+        return []
+    unreadable: list[tuple[Path, str]] = []
+    paths = list_images(folder, unreadable)
+    for path, why in unreadable:
+        problem(problems, f"{key}: {printable(path)}: {why}")
+    if not paths:
+        problem(problems, f"{key}: no images in {shown}")
+    return paths

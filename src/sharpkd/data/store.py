@@ -66,6 +66,20 @@ def create(path: str | Path, sizes, channels: int = 3, factor: int = 1, dtype=np
     return FlatImages(flat, sizes, channels, factor)
 
 
+def load_flat(path: str | Path, stage: str) -> np.ndarray:
+    """The flat array of a .npy file, memory-mapped read-only. A missing, truncated or damaged file (np.load's
+    "mmap length is greater than file size") is a UserError naming it and the `stage` that writes it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; run `dvc repro {stage}`") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(
+            f"{path} cannot be read as a .npy array ({exc}): it is truncated or damaged; "
+            f"run `dvc repro -f {stage}`"
+        ) from None
+
+
 def open_images(
     source: str | Path | np.ndarray, sizes, factor: int = 1, channels: int | None = None, what: str = ""
 ) -> FlatImages:
@@ -73,8 +87,9 @@ def open_images(
 
     `channels` None: they follow from the array's length, which must then be a whole number per pixel
     (a UserError naming `what` otherwise: the array and the manifest giving the sizes do not match).
+    A path is read by `load_flat` (data/pairs' arrays: written by degrade).
     """
-    flat = np.load(source, mmap_mode="r") if isinstance(source, str | Path) else source
+    flat = load_flat(source, "degrade") if isinstance(source, str | Path) else source
     pixels = int(image_offsets(sizes, 1, factor)[-1])
     if channels is None:
         if flat.ndim != 1 or pixels == 0 or len(flat) % pixels:

@@ -30,7 +30,7 @@ from sharpkd.config import TeacherOnlyParams
 from sharpkd.data.degradation import center_crop, crop_to_multiple, resize
 from sharpkd.data.footage import CLIP_SUFFIXES, ClipReadError, frame_name, is_clip, sample_clip
 from sharpkd.errors import UserError
-from sharpkd.images import IMAGE_SUFFIXES, ImageReadError, list_image_folder, read_rgb
+from sharpkd.images import IMAGE_SUFFIXES, ImageReadError, list_files, list_image_folder, printable, read_rgb
 
 KEY = "data.teacher_only.folder"
 
@@ -48,20 +48,23 @@ class UnlabeledScan:
     skipped: list[str] = field(default_factory=list)
 
     def skip(self, path: Path, why: str) -> None:
-        self.skipped.append(f"{path.relative_to(self.folder).as_posix()}: {why}")
-        print(f"[degrade] skipped {path}: {why}")
+        self.skipped.append(f"{printable(path.relative_to(self.folder).as_posix())}: {why}")
+        print(f"[degrade] skipped {printable(path)}: {why}")
 
 
-def list_footage(folder: Path) -> list[Path]:
-    """The image and video files under `folder`, recursing, sorted; a clear error when there are none."""
+def list_footage(folder: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """The image and video files under `folder`, recursing, sorted; a clear error when there are none.
+    Entries that cannot be read are skipped (images.list_files), appended to `unreadable`."""
     if not folder.is_dir():
         list_image_folder(folder, KEY)  # raises: the folder is missing, or a file
     suffixes = IMAGE_SUFFIXES | CLIP_SUFFIXES
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    unreadable = [] if unreadable is None else unreadable
+    files = list_files(folder, suffixes, unreadable)
     if not files:
+        why = f"; {len(unreadable)} entries could not be read" if unreadable else ""
         raise UserError(
-            f"params: '{KEY}' = {folder}: no images or clips found (it holds no image or video files: "
-            f"{', '.join(sorted(suffixes))}, searched recursively)"
+            f"params: '{KEY}' = {printable(folder)}: no images or clips found (it holds no image or video "
+            f"files: {', '.join(sorted(suffixes))}, searched recursively{why})"
         )
     return files
 
@@ -70,8 +73,11 @@ def scan_unlabeled(to: TeacherOnlyParams, lr_side: int, seed: int) -> UnlabeledS
     """Every image and clip of data.teacher_only.folder decoded once (sizes, readability, the frames
     sampled from each clip), before any work is done."""
     root = Path(to.folder).expanduser()
-    files = list_footage(root)
+    unreadable: list[tuple[Path, str]] = []
+    files = list_footage(root, unreadable)
     scan = UnlabeledScan(root)
+    for path, why in unreadable:
+        scan.skip(path, why)
     for path in files:
         try:
             if is_clip(path):
@@ -82,7 +88,7 @@ def scan_unlabeled(to: TeacherOnlyParams, lr_side: int, seed: int) -> UnlabeledS
             scan.skip(path, f"unreadable ({exc})")
     if not scan.rows:
         raise UserError(
-            f"{KEY}: no usable image or clip in {root} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
+            f"{KEY}: no usable image or clip in {printable(root)} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
             f"{' ...' if len(scan.skipped) > 3 else ''})"
         )
     return scan
