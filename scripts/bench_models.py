@@ -2,9 +2,11 @@
 
 - ms per frame and frames/s at 720p / 1080p / 4K (`sharpkd bench`: torch, ONNX Runtime; CUDA when present),
 - the teacher's throughput on LR training patches (what cache_teacher does) and ms per 1080p output frame,
-- the student's training steps/s at the distill batch shape of params.yaml.
+- the student's training steps/s at the distill batch shape of params.yaml,
+- a 1080p clip sharpened end to end (decode, the INT8 student, H.264 encode; `sharpkd bench --video`)
+  beside the model alone, measured in the same run (skipped when there is no exported student).
 
-Usage: python scripts/bench_models.py [--repeats N] [--sizes 720p,1080p,4k] [--no-teacher]
+Usage: python scripts/bench_models.py [--repeats N] [--sizes 720p,1080p,4k] [--no-teacher] [--no-video]
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from rich.console import Console
 
 from sharpkd.bench import (
     DEFAULT_SIZES,
+    STUDENT_INT8,
+    STUDENT_ONNX,
     TEACHER_DIR,
     render_table,
     run_bench,
+    run_video_bench,
     student_training_speed,
     teacher_patch_throughput,
+    video_lines,
 )
 from sharpkd.config import load_params
 from sharpkd.errors import UserError
@@ -35,6 +41,7 @@ def main() -> int:
     ap.add_argument(
         "--no-teacher", action="store_true", help="skip the teacher even when models/teacher exists"
     )
+    ap.add_argument("--no-video", action="store_true", help="skip the end-to-end video row")
     ap.add_argument("--out", type=Path, default=Path("metrics/bench.json"))
     args = ap.parse_args()
     console = Console()
@@ -51,6 +58,8 @@ def main() -> int:
             result["teacher_cache"] = teacher_patch_throughput(
                 params.data.patch_size // s, params.cache.batch_size, device=device
             )
+        if not args.no_video and (STUDENT_INT8.is_file() or STUDENT_ONNX.is_file()):
+            add_video(result, run_video_bench(repeats=args.repeats))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -70,9 +79,22 @@ def main() -> int:
             f"(batches of {c['batch_size']} patches of {c['lr_patch']}x{c['lr_patch']})",
             markup=False,
         )
+    if "video" in result:
+        console.print(render_table({**result, "rows": result["video_rows"]}))
+        for line in video_lines(result):
+            console.print(line, markup=False, soft_wrap=True)
     write_json(args.out, result)
     console.print(f"wrote {args.out}", markup=False)
     return 0
+
+
+def add_video(result: dict, video: dict) -> None:
+    """The video benchmark into the result: its rows, its ratios, and the end-to-end figures among the others
+    (the model-alone figures it was set against are in `video_rows`, measured beside it)."""
+    result["video_rows"] = video["rows"]
+    result["video"] = video["video"]
+    result["figures"].update({k: v for k, v in video["figures"].items() if ".video_" in k})
+    result["notes"] += video["notes"]
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     tracker.log_metrics({f"export.{k}": float(v) for k, v in numeric.items()})
     tracker.log_artifact(paths.export / "model_card.md")
     example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    tracker.log_onnx_model(paths.export / "student.onnx", example)
+    # Registered for `sharpkd sharpen --model models:/...` and `mlflow models serve` (sharpkd.serving).
+    tiling = (params.infer.tile, params.infer.overlap)
+    tracker.log_onnx_model(paths.export / "student.onnx", example, tiling=tiling)
     return metrics
 
 

@@ -164,6 +164,7 @@ def test_pth_and_torchscript_models_give_the_onnx_result(tmp_path, models):
                 str(tmp_path / f"{kind}.png"),
                 "-m",
                 str(models[kind]),
+                "--trust-code",  # the .pt is not this checkout's export (models/export/model_card.json)
             ],
         )
         assert res.exit_code == 0, res.output
@@ -264,7 +265,7 @@ def _write_video(path, size=(64, 48), frames=4, api=None):
 
 def test_file_names_that_are_not_utf8_do_not_crash(tmp_path, models):
     """OpenCV segfaults on such names (lone surrogates in Python): run in a subprocess, so a crash
-    fails this test instead of the test run."""
+    fails this test instead of the test run. Videos go through PyAV, which takes any name."""
     import os
     import subprocess
     import sys
@@ -275,7 +276,7 @@ def test_file_names_that_are_not_utf8_do_not_crash(tmp_path, models):
     ok, buf = cv2.imencode(".png", noise(12, 10, dtype=np.uint16))  # 16-bit: read through OpenCV
     bad_png.write_bytes(buf.tobytes())
     Image.fromarray(noise(12, 10)).save(src / "good.png")
-    _write_video(src / "clip.mp4").rename(src / os.fsdecode(b"clip\xfe.mp4"))  # cv2 would crash here too
+    _write_video(src / "clip.mp4").rename(src / os.fsdecode(b"clip\xfe.mp4"))  # cv2 would crash on it
     proc = subprocess.run(
         [sys.executable, "-c", ODD_NAMES, os.fsencode(src), "-o", os.fsencode(tmp_path / "out")]
         + ["-m", str(models["onnx"])],
@@ -283,11 +284,15 @@ def test_file_names_that_are_not_utf8_do_not_crash(tmp_path, models):
         timeout=300,
     )
     out, err = proc.stdout.decode(), proc.stderr.decode()
-    assert proc.returncode == 1, f"exit status {proc.returncode}\n{out}\n{err}"  # -11: the crash
-    assert "bad\\xff.png ->" in out and "sharpened 2 file(s); 1 failed" in out
-    assert "clip\\xfe.mp4" in err and "not valid UTF-8" in err and "Traceback" not in err
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{out}\n{err}"  # -11: the crash
+    assert "bad\\xff.png ->" in out and "clip\\xfe.mp4 ->" in out and "sharpened 3 file(s)" in out
+    assert "Traceback" not in err
     written = load_image(tmp_path / "out" / os.fsdecode(b"bad\xff.png"), keep_16bit=True)
     assert written.rgb.dtype == np.uint16 and (tmp_path / "out" / "good.png").is_file()
+    import av  # not cv2: it would crash on the name
+
+    with av.open(str(tmp_path / "out" / os.fsdecode(b"clip\xfe.mp4"))) as clip:
+        assert [(f.width, f.height) for f in clip.decode(video=0)] == [(64, 48)] * 4
 
 
 def test_video_to_an_image_name_is_refused_before_any_work(tmp_path, models):
@@ -298,27 +303,14 @@ def test_video_to_an_image_name_is_refused_before_any_work(tmp_path, models):
     assert list(tmp_path.iterdir()) == [clip]
 
 
-def test_a_video_writer_failure_is_an_error_and_nothing_is_kept(tmp_path, models, monkeypatch):
-    """OpenCV reports a failed write only as a log line: what it wrote is read back before it is kept.
-    (Here the real failure of the issue: mp4v frames into an image name, let through on purpose.)"""
-    import sharpkd.sharpen as S
-
-    monkeypatch.setattr(S, "VIDEO_SAVE_SUFFIXES", {*S.VIDEO_SAVE_SUFFIXES, ".png"})
-    clip = _write_video(tmp_path / "clip.mp4", frames=6)
-    res = sharpen(clip, "-o", tmp_path / "out.png", models=models)
-    assert res.exit_code == 1 and "sharpened 0 file(s); 1 failed" in res.output
-    assert "out.png: OpenCV's writer failed" in res.stderr and "of 6 frames" in res.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
-
-
-def test_odd_sized_video_says_it_lost_a_row_and_a_column(tmp_path, models):
-    # OpenCV's own MJPEG writer keeps odd sizes (its FFmpeg writers, like the user's camera app, may not).
+def test_odd_sized_video_keeps_its_size(tmp_path, models):
+    # OpenCV's own MJPEG writer keeps odd sizes; the output is H.264 4:4:4 at exactly that size.
     clip = _write_video(tmp_path / "odd.avi", size=(35, 25), frames=3, api=cv2.CAP_OPENCV_MJPEG)
     assert _video_info(clip)[1:3] == (35, 25)
     res = sharpen(clip, models=models)
     assert res.exit_code == 0, res.output
-    assert "35x25 written as 34x24 (the mp4v codec needs even sides)" in res.output
-    assert _video_info(tmp_path / "odd_sharp.mp4")[:3] == (3, 34, 24)
+    assert "3 frames, 35x25 at 12 fps, libx264 yuv444p" in res.output
+    assert _video_info(tmp_path / "odd_sharp.mp4")[:3] == (3, 35, 25)
 
 
 def test_animated_gif_says_only_the_first_frame_is_used(tmp_path, models):
@@ -400,7 +392,9 @@ def test_one_pixel_image_gives_no_warning(tmp_path, models, kind):
     Image.fromarray(noise(1, 1)).save(tmp_path / "one.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch's "array is not writable" among them
-        res = runner.invoke(app, ["sharpen", str(tmp_path / "one.png"), "-m", str(models[kind])])
+        res = runner.invoke(
+            app, ["sharpen", str(tmp_path / "one.png"), "-m", str(models[kind]), "--trust-code"]
+        )
     assert res.exit_code == 0, res.output
     assert np.asarray(Image.open(tmp_path / "one_sharp.png")).shape == (1, 1, 3)
 

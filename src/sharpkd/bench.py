@@ -46,12 +46,26 @@ def parse_sizes(text: str) -> list[tuple[str, int, int]]:
         if token in SIZES:
             out.append((token, *SIZES[token]))
         elif m := re.fullmatch(r"(\d+)x(\d+)", token):
+            if min(int(m[1]), int(m[2])) < 1:
+                raise UserError(f"--sizes: {token!r} has a side of 0 pixels; each side must be at least 1")
             out.append((token, int(m[2]), int(m[1])))
         else:
             raise UserError(f"--sizes: unknown size {token!r} (use {', '.join(SIZES)} or WxH, e.g. 640x360)")
     if not out:
         raise UserError("--sizes: no size given")
     return out
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """A UserError, before any timing, when `path` (a file to write at the end) is a folder or cannot be
+    created (sharpen's check: a file made and removed in its nearest existing folder)."""
+    from sharpkd.sharpen import _write_problem
+
+    if path is None:
+        return
+    problem = f"{path} is a folder; name a file" if path.is_dir() else _write_problem(path)
+    if problem:
+        raise UserError(f"{option} {path}: {problem}")
 
 
 def _teacher_target(device: str, tile: int, overlap: int) -> Target:
@@ -151,9 +165,9 @@ def student_targets(model_path: Path | None, threads: int) -> Iterator[tuple[lis
         yield targets, notes
 
 
-def _time_row(t: Target, x: torch.Tensor, label: str, repeats: int) -> dict:
-    """One bench row: the target at one size; a failure (out of memory at 4K, say) is its row's error."""
-    row = {
+def _row(t: Target, label: str, x: torch.Tensor) -> dict:
+    """A bench row's fields, less the figures."""
+    return {
         "model": t.model,
         "runtime": t.runtime,
         "device": t.device,
@@ -163,8 +177,14 @@ def _time_row(t: Target, x: torch.Tensor, label: str, repeats: int) -> dict:
         "height": x.shape[-2],
         "width": x.shape[-1],
     }
+
+
+def _time_row(t: Target, x: torch.Tensor, label: str, repeats: int, per_call: int = 1) -> dict:
+    """One bench row: the target at one size; a failure (out of memory at 4K, say) is its row's error.
+    `per_call`: frames one call of the target runs (a whole clip for the video row)."""
+    row = _row(t, label, x)
     try:
-        ms = time_target(t, x, repeats)
+        ms = time_target(t, x, repeats) / per_call
         row.update(ms=round(ms, 3), fps=round(1000.0 / ms, 2))
     except (RuntimeError, MemoryError) as exc:
         row.update(ms=None, fps=None, error=str(exc).strip().splitlines()[0][:200])
@@ -199,7 +219,10 @@ def run_bench(
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     rows: list[dict] = []
-    with student_targets(Path(model_path) if model_path else None, threads) as (targets, notes):
+    from sharpkd.runtime import resolve_model
+
+    # A models:/ URI is fetched from the MLflow registry first (one clear UserError when it cannot be).
+    with student_targets(resolve_model(model_path), threads) as (targets, notes):
         if teacher:
             targets.append(_teacher_target(_devices()[-1], *_tiling(tile, overlap)))
         for label, h, w in size_list:
@@ -324,3 +347,175 @@ def render_table(result: dict):
                 cells.append(f"{r['ms']:.1f} ({r['fps']:.1f})")
         table.add_row(*key, *cells)
     return table
+
+
+# --------------------------------------------------------------------------- video, end to end
+
+VIDEO_SIZES = "1080p"
+VIDEO_FRAMES = 150  # 5 s at 30 fps: the start (opening, the first frame) and the encoder's flush count little
+STUDENT_INT8 = Path("models/export/student_int8.onnx")
+
+
+def bench_clip(path: Path, size: tuple[int, int], frames: int, fps: int = 30) -> Path:
+    """A clip of (height, width) standing for camera footage: a slow pan across a photo (scikit-image's
+    coffee, upscaled) with a little grain, H.264 4:2:0, crf 18 (a flat or pure-noise clip would decode and
+    encode unusually fast or slow)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from sharpkd.video import write_clip
+
+    h, w = size
+    big_w, big_h = w + max(w // 4, 2 * frames), h + max(h // 4, frames)
+    photo = np.asarray(Image.fromarray(data.coffee()).resize((big_w, big_h), Image.BICUBIC), dtype=np.int16)
+    rng = np.random.default_rng(0)
+
+    def pan():
+        for i in range(frames):
+            x, y = i * (big_w - w) // frames, i * (big_h - h) // frames
+            grain = rng.integers(-3, 4, (h, w, 1), dtype=np.int16)
+            yield np.clip(photo[y : y + h, x : x + w] + grain, 0, 255).astype(np.uint8)
+
+    return write_clip(path, pan(), fps, options={"crf": "18", "preset": "veryfast"})
+
+
+def _video_model(model_path: Path | None) -> Path:
+    """The model the video rows time: the given one, else the export stage's INT8 student, else its float32 one."""
+    if model_path is not None:
+        return model_path
+    for path in (STUDENT_INT8, STUDENT_ONNX):
+        if path.is_file():
+            return path
+    raise UserError(
+        f"no exported student ({STUDENT_INT8} or {STUDENT_ONNX}); run `dvc repro export`, or pass --model PATH"
+    )
+
+
+def _video_devices(path: Path) -> list[str]:
+    """Where the model can run: the CPU, and CUDA when its runtime (ONNX Runtime or torch) has it."""
+    from sharpkd.runtime import model_kind, ort_cuda_available
+
+    _, kind = model_kind(path)
+    cuda = ort_cuda_available() if kind == "onnx" else torch.cuda.is_available()
+    return ["cpu"] + (["cuda"] if cuda else [])
+
+
+def _alone_target(path: Path, device: str, threads: int) -> Target:
+    """The model alone, frame in, frame out (timing.py): what the end-to-end row is set against."""
+    from sharpkd.runtime import load_model, model_kind, onnx_target
+
+    _, kind = model_kind(path)
+    if kind == "onnx":
+        return onnx_target(path, device, threads)
+    runtime = "torch" if kind == "checkpoint" else "torchscript"
+    return torch_target("student", runtime, load_model(path, device).fn, device)
+
+
+def _video_target(path: Path, device: str, precision: str, clip: Path, opts) -> Target:
+    """`sharpkd sharpen clip.mp4` end to end (decode, sharpen, encode, mux; video.sharpen_video) as a timing
+    target: one call runs the whole clip. The model is loaded, and run once on a frame, before the timing."""
+    from sharpkd.runtime import load_model
+    from sharpkd.video import sharing_the_cpu, sharpen_frames, sharpen_video
+
+    def make(x: torch.Tensor):
+        model = sharing_the_cpu(load_model(path, device))  # what sharpen_video runs, made and warmed here
+        rgb = x.mul(255).round().to(torch.uint8).numpy()
+        sharpen_frames(model, rgb, max(rgb.shape[-2:]), 0)  # warm-up: ONNX Runtime's first run allocates
+        out = clip.with_name(f"{clip.stem}_sharp_{device}.mp4")
+        return lambda: _expect_all(sharpen_video(model, clip, out, opts=opts), clip)
+
+    how = f"end to end: decode, sharpen, {opts.describe()}"
+    return Target("student", "video", device, precision, make, how, warmup=0)
+
+
+def _expect_all(report, clip: Path):
+    if report.damaged:
+        raise RuntimeError(f"{clip.name}: {report.problem()}")
+    return report
+
+
+def _video_rows(
+    path: Path, label: str, size: tuple[int, int], frames: int, clip: Path, threads: int, repeats: int, opts
+) -> list:
+    """Per device, two bench rows: the model alone and the clip end to end (one run). The model alone is the
+    faster of two medians of `repeats`, one just before the clip and one just after, so that a moment of
+    load elsewhere on the machine cannot flatter the ratio."""
+    from dataclasses import replace
+
+    from sharpkd.video import NVENC, encoder_available
+
+    rows = []
+    x = frame(size)
+    for device in _video_devices(path):
+        alone = _alone_target(path, device, threads)
+        before = _time_row(alone, x, label, repeats)
+        dev_opts = replace(opts, codec=NVENC) if device == "cuda" and encoder_available(NVENC) else opts
+        target = _video_target(path, device, alone.precision, clip, dev_opts.on(device))
+        video = _time_row(target, x, label, 1, per_call=frames) | {"frames": frames}
+        after = _time_row(alone, x, label, repeats)
+        rows += [min(before, after, key=lambda r: r["ms"] or float("inf")), video]
+    return rows
+
+
+def video_summary(rows: list[dict]) -> list[dict]:
+    """Per device and size: end-to-end frames/s against the model alone's, measured in the same run."""
+    alone = {(r["device"], r["size"]): r for r in rows if r["runtime"] != "video"}
+    out = []
+    for r in rows:
+        a = alone.get((r["device"], r["size"]))
+        if r["runtime"] != "video" or a is None:
+            continue
+        ratio = round(r["fps"] / a["fps"], 3) if r["fps"] and a["fps"] else None
+        out.append(
+            {"device": r["device"], "size": r["size"], "end_to_end_fps": r["fps"], "model_fps": a["fps"],
+             "ratio": ratio, "how": r["how"], "model": f"{a['runtime']} {a['precision']}"}
+        )  # fmt: skip
+    return out
+
+
+def run_video_bench(model_path: str | Path | None = None, sizes: str = VIDEO_SIZES, frames: int = VIDEO_FRAMES,
+                    repeats: int = 5, threads: int = 0, opts=None, progress=None) -> dict:  # fmt: skip
+    """`sharpkd bench --video`: a clip (bench_clip) sharpened end to end, and the model alone, at each size and
+    on each device; the same result shape as run_bench, plus "video": the end-to-end / model-alone ratios."""
+    from sharpkd.runtime import resolve_model
+    from sharpkd.video import VideoOptions, check_options
+
+    opts = opts or VideoOptions()
+    check_options(opts)
+    if frames < 2:
+        raise UserError(f"--frames must be at least 2, got {frames}")
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    path = _video_model(resolve_model(model_path))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="sharpkd-bench-video-") as tmp:
+        for label, h, w in parse_sizes(sizes):
+            if progress:
+                progress(f"video {label}")
+            clip = bench_clip(Path(tmp) / f"clip_{label}.mp4", (h, w), frames)
+            rows += _video_rows(path, label, (h, w), frames, clip, threads, repeats, opts)
+    return {
+        "rows": rows,
+        "figures": _figures(rows),
+        "video": video_summary(rows),
+        "torch_threads": threads,
+        "repeats": repeats,
+        "cpu": cpu_name(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "notes": [
+            f"video: {path}, {frames}-frame clip (a pan across a photo, H.264 4:2:0, 30 fps); "
+            f"model alone: the faster of two medians of {repeats}, just before and just after the clip; "
+            "end to end: one run of the clip"
+        ],  # fmt: skip
+    }
+
+
+def video_lines(result: dict) -> list[str]:
+    """The video rows' ratios, one line each."""
+    return [
+        f"video {v['size']} on {v['device']}: end to end {v['end_to_end_fps']} frames/s = "
+        f"{v['ratio']} of the model alone ({v['model']}, {v['model_fps']} frames/s); {v['how']}"
+        for v in result.get("video", [])
+    ]

@@ -34,9 +34,49 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+@contextlib.contextmanager
+def _stopped_by_signals(command: str) -> Iterator[None]:
+    """SIGTERM stops the command as Ctrl-C does, through every cleanup (no temporary is left; what was
+    finished is kept), with exit status 143 (130 for Ctrl-C) and one line."""
+    import signal
+    import threading
+
+    got: list[int] = []
+
+    def stop(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    except KeyboardInterrupt:
+        signum = got[0] if got else signal.SIGINT
+        why = "terminated" if signum == signal.SIGTERM else "interrupted"
+        print(
+            f"{command}: {why}; the outputs listed above are complete, no partial file is left",
+            file=sys.stderr,
+        )
+        raise typer.Exit(128 + signum) from None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 class Device(str, enum.Enum):
     cpu = "cpu"
     cuda = "cuda"
+
+
+TrustCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Run a TorchScript .pt --model that is not this checkout's export (models/export/model_card.json "
+        "records its sha256): its code runs, so only for a file you trust.",
+    ),
+]
 
 
 @app.command(no_args_is_help=True)
@@ -53,20 +93,25 @@ def sharpen(
             "-o",
             "--output",
             help="With one input file: the output file. Otherwise: a folder. "
-            "Default: <name>_sharp.<ext> beside each input (videos: <name>_sharp.mp4).",
+            "Default: <name>_sharp.<ext> beside each input (videos: .mp4, .m4v, .mov and .mkv keep their "
+            "container, others become .mp4).",
         ),
     ] = None,
     model: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--model",
             "-m",
-            help="A .onnx (default: models/export/student.onnx), TorchScript .pt or student .pth.",
+            help="A .onnx (default: models/export/student.onnx), TorchScript .pt or student .pth, or a "
+            "registered student: models:/sharpkd-student/3, models:/sharpkd-student@champion (MLflow store).",
         ),
     ] = None,
     device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.cpu,
     tile: Annotated[
-        int | None, typer.Option(help="Tile side in pixels (default: infer.tile of params.yaml, or 256).")
+        int | None,
+        typer.Option(
+            help="Tile side in pixels (default: infer.tile of params.yaml, or 256; video frames: whole up to 4K)."
+        ),
     ] = None,
     overlap: Annotated[
         int | None, typer.Option(help="Tile overlap in pixels (default: infer.overlap).")
@@ -77,61 +122,120 @@ def sharpen(
     preview: Annotated[
         bool, typer.Option("--preview", help="Also write <output>_preview: input | sharpened, side by side.")
     ] = False,
+    codec: Annotated[
+        str,
+        typer.Option(
+            help="Video encoder (FFmpeg's name): libx264, libx265, libsvtav1, h264_nvenc, hevc_nvenc..."
+        ),
+    ] = "libx264",
+    crf: Annotated[
+        int | None,
+        typer.Option(
+            help="Video constant quality, lower is better (default: 18 for libx264, 20 for libx265)."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Video encoder preset: ultrafast ... veryslow (x264/x265), p1-p7 (NVENC)."),
+    ] = None,
+    batch: Annotated[
+        int, typer.Option(help="Video frames per model call (0: 4 on CUDA, 1 on the CPU).", min=0)
+    ] = 0,
+    trust_code: TrustCode = False,
 ) -> None:
-    """Sharpen images (PNG, JPEG, WebP, TIFF; alpha, 16-bit and EXIF orientation kept) and videos (MP4, what OpenCV reads; no audio)."""
+    """Sharpen images (PNG, JPEG, WebP, TIFF; alpha, 16-bit and EXIF orientation kept) and videos (anything
+    FFmpeg reads; H.264 out; audio and subtitles copied; size, timing, rotation and colour tags kept)."""
+    from sharpkd.runtime import trusting_code
     from sharpkd.sharpen import sharpen_paths
+    from sharpkd.video import VideoOptions
 
-    with _user_errors():
-        code = sharpen_paths(inputs, output, model, device.value, tile, overlap, overwrite, preview)
+    video = VideoOptions(codec=codec, crf=crf, preset=preset, batch=batch)
+    with _user_errors(), _stopped_by_signals("sharpen"), trusting_code(trust_code):
+        code = sharpen_paths(
+            inputs, output, model, device.value, tile, overlap, overwrite, preview, video=video
+        )
     raise typer.Exit(code)
 
 
 @app.command()
 def bench(
     model: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--model",
             "-m",
-            help="Student .pth, .pt or .onnx (default: models/student/student.pth and models/export/student.onnx).",
+            help="Student .pth, .pt or .onnx (default: models/student/student.pth and models/export/student.onnx), "
+            "or a registered student: models:/sharpkd-student/3, models:/sharpkd-student@champion.",
         ),
     ] = None,
     teacher: Annotated[
         bool, typer.Option("--teacher", help="Also time the teacher (models/teacher).")
     ] = False,
-    sizes: Annotated[str, typer.Option(help="Comma-separated: 720p, 1080p, 4k or WxH.")] = "720p,1080p,4k",
-    repeats: Annotated[int, typer.Option(help="Timed runs per figure (median), after one warm-up.")] = 5,
+    sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: 720p, 1080p, 4k or WxH (default: 720p,1080p,4k; --video: 1080p)."
+        ),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(help="Timed runs per figure (median), after one warm-up.", min=1)
+    ] = 5,
     threads: Annotated[
-        int, typer.Option(help="torch and ONNX Runtime CPU threads (0: torch's default).")
+        int, typer.Option(help="torch and ONNX Runtime CPU threads (0: torch's default).", min=0)
     ] = 0,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
     ] = None,
+    video: Annotated[
+        bool,
+        typer.Option(
+            "--video",
+            help="Instead: a clip sharpened end to end (decode, sharpen, encode; `sharpkd sharpen`) against the "
+            "model alone (default model: models/export/student_int8.onnx, else student.onnx).",
+        ),
+    ] = False,
+    frames: Annotated[int, typer.Option(help="--video: frames in the clip (30 fps).", min=2)] = 150,
+    trust_code: TrustCode = False,
 ) -> None:
-    """Milliseconds per frame and frames/s of the student (torch, ONNX Runtime; CUDA when present) and the teacher."""
+    """Milliseconds per frame and frames/s of the student (torch, ONNX Runtime; CUDA when present) and the teacher;
+    with --video, of a video sharpened end to end beside the model alone."""
     from rich.console import Console
 
-    from sharpkd.bench import render_table, run_bench
+    from sharpkd.bench import (
+        DEFAULT_SIZES,
+        VIDEO_SIZES,
+        check_output_file,
+        render_table,
+        run_bench,
+        run_video_bench,
+        video_lines,
+    )
     from sharpkd.files import write_json
+    from sharpkd.runtime import trusting_code
     from sharpkd.sharpen import default_tiling
 
     console = Console()
-    with _user_errors():
+    with _user_errors(), trusting_code(trust_code):
+        check_output_file(json_path, "--json")  # before any timing
         tile, overlap = default_tiling()
         with console.status("timing...") as status:
-            result = run_bench(
-                model,
-                teacher,
-                sizes,
-                repeats,
-                threads,
-                tile,
-                overlap,
-                progress=lambda what: status.update(f"timing {what}"),
-            )
+
+            def progress(what: str) -> None:
+                status.update(f"timing {what}")
+
+            if video:
+                result = run_video_bench(
+                    model, sizes or VIDEO_SIZES, frames, repeats, threads, progress=progress
+                )
+            else:
+                result = run_bench(
+                    model, teacher, sizes or DEFAULT_SIZES, repeats, threads, tile, overlap, progress=progress
+                )
         for note in result["notes"]:
             console.print(note, soft_wrap=True, markup=False, highlight=False)
         console.print(render_table(result))
+        for line in video_lines(result):
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
         if json_path is not None:
             write_json(json_path, result)
             console.print(f"wrote {json_path}", markup=False)

@@ -3,14 +3,18 @@
 Inputs are files, folders (recursive) and globs. Every image goes through
 `infer.tiled_apply` (via runtime.InferenceModel.apply), so a 6000x4000 photo runs
 tile by tile in bounded memory whatever the model kind (ONNX, TorchScript, .pth).
-One bad file never stops the batch: it is reported by name and the exit status
-is 1 at the end.
+Videos go through PyAV (FFmpeg) in video.py: audio and subtitles copied, the exact
+size, timing, rotation and colour tags kept. One bad file never stops the batch: it
+is reported by name and the exit status is 1 at the end, as it is when frames of a
+video were lost to damage (the frames that could be decoded are written).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,13 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from sharpkd.errors import UserError
-from sharpkd.files import atomic_path
-from sharpkd.images import IMAGE_SUFFIXES, load_image, printable, save_image, to_image, to_tensor
+from sharpkd.files import _TEMP as TEMP_NAME
+from sharpkd.files import atomic_path, remove_stale_temps
+from sharpkd.images import IMAGE_SUFFIXES, list_files, load_image, printable, save_image, to_image, to_tensor
 from sharpkd.runtime import InferenceModel
 
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
-# The containers that take mp4v, the codec OpenCV always has (WebM and MPEG-PS refuse it).
-VIDEO_SAVE_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv"}
+# What FFmpeg reads (any container it knows; these suffixes are the ones looked for in folders).
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
+VIDEO_SUFFIXES |= {".m2ts", ".mts", ".3gp", ".ogv"}
+# What a video is written as (video.CONTAINERS); WebM takes AV1 or VP9 only (--codec libsvtav1).
+VIDEO_SAVE_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm"}
+# Inputs in these keep their container (an .mkv's subtitles stay); the others are written as .mp4.
+VIDEO_KEPT_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv"}
 SAVE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 SIXTEEN_BIT_SUFFIXES = {".png", ".tif", ".tiff"}
 OUTPUT_TAG = "_sharp"
@@ -51,22 +60,6 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def _utf8(path: Path) -> bool:
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8, held by Python as lone surrogates
-        return False
-    return True
-
-
-def opencv_name(path: Path) -> str:
-    """str(path) for OpenCV's video functions, which crash the process (SIGSEGV) on a name that is
-    not valid UTF-8; such a name is refused instead."""
-    if not _utf8(path):
-        raise UserError(f"{printable(path)}: OpenCV cannot open a video whose path is not valid UTF-8")
-    return str(path)
-
-
 def _is_media(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
@@ -80,7 +73,8 @@ def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], li
 
     A file named on the command line is always taken (a bad one is reported when read);
     folders and globs yield only image/video suffixes, and skip earlier `*_sharp*` outputs
-    so that running twice does not sharpen the sharpened.
+    so that running twice does not sharpen the sharpened, and hidden temporaries (files.atomic_path's);
+    a folder entry that cannot be read is an error naming it, the rest is still listed.
     """
     found: list[tuple[Path, Path | None]] = []
     errors, notes = [], []
@@ -90,7 +84,9 @@ def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], li
             found.append((path, None))
             continue
         if path.is_dir():
-            files, base = sorted(f for f in path.rglob("*") if _is_media(f)), path
+            unreadable: list[tuple[Path, str]] = []
+            files, base = list_files(path, IMAGE_SUFFIXES | VIDEO_SUFFIXES, unreadable), path
+            errors += [printable(f"{p}: {why}; skipped") for p, why in unreadable]
         elif glob.has_magic(arg):
             files, base = sorted(Path(f) for f in glob.glob(arg, recursive=True) if _is_media(Path(f))), None
         else:
@@ -99,25 +95,27 @@ def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], li
         own = [f for f in files if _is_own_output(f)]
         if own:
             notes.append(f"{printable(arg)}: skipped {len(own)} earlier output(s) named *{OUTPUT_TAG}*")
-        files = [f for f in files if f not in own]
+        # Another run's (or a killed run's) half-written outputs, `.<name>.<pid>-<random>.tmp<suffix>`.
+        files = [f for f in files if f not in own and not TEMP_NAME.fullmatch(f.name)]
         if not files:
             errors.append(f"{printable(arg)}: no images or videos found")
         found += [(f, base) for f in files]
     return found, errors, notes
 
 
-def _default_name(src: Path) -> str:
+def _output_suffix(src: Path) -> str:
     if is_video(src):
-        return f"{src.stem}{OUTPUT_TAG}.mp4"  # mp4v, the codec OpenCV always has, wants an MP4 container
-    suffix = src.suffix if src.suffix.lower() in SAVE_SUFFIXES else ".png"
-    return f"{src.stem}{OUTPUT_TAG}{suffix}"
+        return src.suffix if src.suffix.lower() in VIDEO_KEPT_SUFFIXES else ".mp4"
+    return src.suffix if src.suffix.lower() in SAVE_SUFFIXES else ".png"
+
+
+def _default_name(src: Path) -> str:
+    return f"{src.stem}{OUTPUT_TAG}{_output_suffix(src)}"
 
 
 def _folder_name(src: Path, base: Path | None) -> Path:
     rel = src.relative_to(base) if base is not None else Path(src.name)
-    if is_video(src):
-        return rel.with_suffix(".mp4")
-    return rel if rel.suffix.lower() in SAVE_SUFFIXES else rel.with_suffix(".png")
+    return rel.with_suffix(_output_suffix(src))
 
 
 def plan_jobs(
@@ -143,19 +141,7 @@ def plan_jobs(
         prev = dst.with_name(f"{dst.stem}{PREVIEW_TAG}{dst.suffix}") if preview else None
         problem = _format_problem(src, dst)
         for target in filter(None, (dst, prev)):
-            if problem:
-                break
-            resolved = target.resolve()
-            if resolved in taken:
-                problem = f"{target} is also the output of {taken[resolved]}; use -o with a folder per source"
-            elif not overwrite and resolved in inputs:
-                problem = f"{target} would overwrite an input; pass --overwrite to replace it"
-            elif target.is_dir():
-                problem = f"{target} is a folder; name a file, or a folder with several inputs"
-            elif not overwrite and target.exists():
-                problem = f"{target} exists; pass --overwrite to replace it"
-            else:
-                problem = _write_problem(target)
+            problem = problem or _target_problem(target, taken, inputs, overwrite)
         if problem:
             errors.append(printable(f"{src}: {problem}"))
             continue
@@ -165,15 +151,36 @@ def plan_jobs(
     return jobs, errors
 
 
+def _target_problem(target: Path, taken: dict[Path, Path], inputs: set[Path], overwrite: bool) -> str | None:
+    """Why `target` cannot be written (None: it can): another source's output, an input or an existing
+    file (unless `overwrite`), a folder, a folder it cannot write in, a name the file system refuses."""
+    try:
+        resolved = target.resolve()
+        if resolved in taken:
+            return f"{target} is also the output of {taken[resolved]}; use -o with a folder per source"
+        if not overwrite and resolved in inputs:
+            return f"{target} would overwrite an input; pass --overwrite to replace it"
+        if target.is_dir():
+            return f"{target} is a folder; name a file, or a folder with several inputs"
+        if not overwrite and target.exists():
+            return f"{target} exists; pass --overwrite to replace it"
+    except OSError as exc:  # ENAMETOOLONG: the _sharp tag took a long name over the limit (255 bytes)
+        if exc.errno == errno.ENAMETOOLONG:
+            return (
+                f"its output name ({len(os.fsencode(target.name))} bytes) is longer than the file system "
+                "allows; rename the input, or pass -o FOLDER (outputs there keep the input's name)"
+            )
+        return f"cannot check its output {target} ({exc.strerror or exc})"
+    return _write_problem(target)
+
+
 def _format_problem(src: Path, dst: Path) -> str | None:
     suffix = dst.suffix.lower()
     if is_video(src):
         if suffix not in VIDEO_SAVE_SUFFIXES:
-            return f"-o {dst}: a video is written as .mp4 (or .m4v, .mov, .avi, .mkv), not as '{suffix}'"
-        if not _utf8(src):
-            return "OpenCV cannot open a video whose path is not valid UTF-8; rename it"
-        if not _utf8(dst):
-            return f"{dst}: OpenCV cannot write a video whose path is not valid UTF-8; choose another -o"
+            return (
+                f"-o {dst}: a video is written as .mp4 (or .m4v, .mov, .mkv, .avi, .webm), not as '{suffix}'"
+            )
     elif suffix not in SAVE_SUFFIXES:
         return f"-o {dst}: unsupported image format '{suffix}' (use .png, .jpg, .webp, .tif, .bmp)"
     return None
@@ -211,7 +218,7 @@ def sharpen_image(model: InferenceModel, job: Job, tile: int, overlap: int) -> s
         notes.append("alpha kept")
     # load_image's own notes, less the one that only says the alpha was split off.
     notes += [n for n in img.note.split("; ") if n and "alpha channel separated" not in n]
-    out = model.apply(to_tensor(img.rgb), tile, overlap)
+    out = model.apply(to_tensor(img.rgb), tile, overlap, what=printable(job.src))
     bits = img.bits
     suffix = job.dst.suffix.lower()
     if bits == 16 and suffix not in SIXTEEN_BIT_SUFFIXES:
@@ -244,122 +251,33 @@ def _no_clobber(job: Job):
         ) from None
 
 
-def sharpen_video(model: InferenceModel, job: Job, tile: int, overlap: int, on_frame=None) -> str:
-    """Frame by frame through the model; same fps and size (audio is not carried: OpenCV has none)."""
-    import cv2
+class FramesLost(UserError):
+    """A video was written, but frames of it could not be decoded (`note`: the written file's line)."""
 
-    cap = cv2.VideoCapture(opencv_name(job.src))
-    if not cap.isOpened():
-        raise UserError(f"{printable(job.src)}: OpenCV cannot open this video")
-    fps, notes = _frame_rate(cap)
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    total = total if total > 0 else None  # some containers do not say
-    if on_frame:
-        on_frame(0, total)
-    writers: list = []
-    frames, t0, size = 0, time.perf_counter(), (0, 0)
+    def __init__(self, message: str, note: str):
+        super().__init__(message)
+        self.note = note
+
+
+def sharpen_video(
+    model: InferenceModel, job: Job, tile: int | None, overlap: int, on_frame=None, opts=None
+) -> str:
+    """One video through video.sharpen_video (PyAV), into temporary names renamed when complete; returns
+    its note. Frames lost to damage raise FramesLost once the output (every decodable frame) is kept."""
+    from sharpkd.video import sharpen_video as transcode
+
     with _no_clobber(job), contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_path(job.dst, overwrite=job.overwrite))
-        ptmp = (
-            stack.enter_context(atomic_path(job.preview, overwrite=job.overwrite))
-            if job.preview is not None
-            else None
+        ptmp = None
+        if job.preview is not None:
+            ptmp = stack.enter_context(atomic_path(job.preview, overwrite=job.overwrite))
+        report = transcode(model, job.src, tmp, ptmp, opts, tile, overlap, on_frame, suffix=job.dst.suffix)
+    note = "; ".join([report.summary(), *report.notes])
+    if report.damaged:
+        raise FramesLost(
+            f"{printable(job.src)}: {report.problem()}; {printable(job.dst)} holds the others", note
         )
-        try:
-            while True:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                if not writers:
-                    # Opened on the first frame: decoded frames (auto-rotated) are the truth, not the header.
-                    h, w = frame.shape[:2]
-                    size = (w, h)
-                    _open_writers(writers, job, tmp, ptmp, fps, size)
-                sharp_bgr = _sharpen_bgr(model, frame, tile, overlap)
-                writers[0].write(sharp_bgr)
-                if ptmp is not None:
-                    writers[1].write(np.concatenate([frame, sharp_bgr], axis=1))
-                frames += 1
-                if on_frame:
-                    on_frame(frames, total)
-        finally:
-            # Released before atomic_path renames the files, so they are complete.
-            for wr in writers:
-                wr.release()
-            cap.release()
-        if frames == 0:
-            raise UserError(f"{printable(job.src)}: no frame could be decoded")
-        notes += _check_written(job, tmp, ptmp, frames, size)
-    secs = time.perf_counter() - t0
-    notes.insert(0, f"{frames} frames at {fps:g} fps, {frames / secs:.1f} frames/s")
-    return "; ".join(notes)
-
-
-def _frame_rate(cap) -> tuple[float, list[str]]:
-    """The video's fps and a note when its container does not say it (it is written at 25 fps then)."""
-    import cv2
-
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    if not fps or fps != fps or fps <= 0:  # NaN != NaN
-        return 25.0, ["frame rate unknown, written at 25 fps"]
-    return fps, []
-
-
-def _open_writers(writers: list, job: Job, tmp: Path, ptmp: Path | None, fps: float, size: tuple[int, int]):
-    """mp4v writers for the output (and the side-by-side preview), added to `writers` one by one so
-    that the caller releases whichever were opened when one fails."""
-    import cv2
-
-    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-    w, h = size
-    writers.append(cv2.VideoWriter(opencv_name(tmp), fourcc, fps, (w, h)))
-    if ptmp is not None:
-        writers.append(cv2.VideoWriter(opencv_name(ptmp), fourcc, fps, (2 * w, h)))
-    if not all(wr.isOpened() for wr in writers):
-        raise UserError(f"{printable(job.dst)}: OpenCV cannot write an mp4v video there")
-
-
-def _sharpen_bgr(model: InferenceModel, frame: np.ndarray, tile: int, overlap: int) -> np.ndarray:
-    """One OpenCV (BGR) frame through the model, back as BGR."""
-    rgb = np.ascontiguousarray(frame[..., ::-1])
-    sharp = to_image(model.apply(to_tensor(rgb), tile, overlap))
-    return np.ascontiguousarray(sharp[..., ::-1])
-
-
-def _check_written(job: Job, tmp: Path, ptmp: Path | None, frames: int, size: tuple[int, int]) -> list[str]:
-    """Notes on the written videos, read back; UserError when a writer lost frames.
-
-    OpenCV's writer reports failures only as log lines: what it wrote is read back before it is kept.
-    """
-    notes = []
-    for path, dst in ((tmp, job.dst), (ptmp, job.preview)):
-        if path is None:
-            continue
-        count, width, height = _video_info(path)
-        # Some containers give an estimated count (duration x fps): allow a frame or 1% off.
-        if count < frames - max(1, frames // 100):
-            raise UserError(
-                f"{printable(dst)}: OpenCV's writer failed ({count} of {frames} frames could be read "
-                "back); nothing was kept (is the disk full?)"
-            )
-        if path == tmp and (width, height) != size:
-            notes.append(f"{size[0]}x{size[1]} written as {width}x{height} (the mp4v codec needs even sides)")
-    return notes
-
-
-def _video_info(path: Path) -> tuple[int, int, int]:
-    """(frames, width, height) of a video file as OpenCV reads it back; (0, 0, 0) when it cannot."""
-    import cv2
-
-    cap = cv2.VideoCapture(opencv_name(path))
-    try:
-        if not cap.isOpened():
-            return 0, 0, 0
-        props = (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT)
-        count, width, height = (int(cap.get(p)) for p in props)
-        return count, width, height
-    finally:
-        cap.release()
+    return note
 
 
 def default_tiling() -> tuple[int, int]:
@@ -383,18 +301,21 @@ def sharpen_paths(
     overwrite: bool = False,
     preview: bool = False,
     console=None,
+    video=None,
 ) -> int:
-    """The `sharpkd sharpen` command; returns the exit status (1 when any input failed)."""
+    """The `sharpkd sharpen` command; returns the exit status (1 when any input failed or lost frames).
+    `video`: video.VideoOptions (codec, crf, preset, batch) for the videos."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sharpkd.runtime import load_model
+    from sharpkd.runtime import load_model, resolve_model
 
     out = console or Console()
     err = Console(stderr=True)
+    video_tile = tile  # videos: whole frames up to 4K unless --tile is given (video.frame_tiling)
     tile, overlap = _checked_tiling(tile, overlap)
-    model = load_model(model_path, device)  # a missing model is one clear UserError, before any work
+    # A missing model (file, or models:/ URI in the MLflow registry) is one clear UserError, before any work.
+    model = load_model(resolve_model(model_path), device)
     found, errors, notes = expand_inputs(inputs)
     single_file = len(inputs) == 1 and len(found) == 1 and Path(inputs[0]).is_file()
     if output is not None and not single_file and output.exists() and not output.is_dir():
@@ -409,39 +330,91 @@ def sharpen_paths(
         if not errors:
             raise UserError("nothing to sharpen")
         return 1
-    out.print(f"model: {escape(model.describe())}; tile {tile}, overlap {overlap}", soft_wrap=True)
-    failed = len(errors)
-    done = 0
+    settings = _Settings(tile, overlap, video_tile, video)
+    out.print(f"model: {escape(model.describe())}; {settings.describe(jobs, model.device)}", soft_wrap=True)
+    _remove_stale_temps(jobs)
+    done, failed, lost = _run_jobs(model, jobs, settings, out, err)
+    failed += len(errors)
+    summary = f"sharpened {done} file(s)"
+    if lost:
+        summary += f"; {lost} with frames lost to damage"
+    if failed:
+        summary += f"; {failed} failed (see the errors above)"
+    out.print(summary)
+    return 1 if failed or lost else 0
+
+
+@dataclass
+class _Settings:
+    """How files are run: images tiled (tile, overlap); videos by `video_tile` (None: whole frames) and
+    `video` (video.VideoOptions; None: its defaults)."""
+
+    tile: int
+    overlap: int
+    video_tile: int | None = None
+    video: object = None
+
+    def describe(self, jobs: list[Job], device: str) -> str:
+        """The tiling and, when there are videos, how they are encoded (for a model on `device`); checks the
+        encoder before any work."""
+        text = f"tile {self.tile}, overlap {self.overlap}"
+        if not any(j.video for j in jobs):
+            return text
+        from sharpkd.video import VideoOptions, check_options
+
+        self.video = (self.video or VideoOptions()).on(device)
+        check_options(self.video)
+        frames = f"tile {self.video_tile}" if self.video_tile else "whole frames up to 4K"
+        return f"{text}; videos: {frames}, {self.video.describe()}"
+
+
+def _remove_stale_temps(jobs: list[Job]) -> None:
+    """What a killed run left in the output folders (its temporaries; a live run's are left alone)."""
+    folders = {t.parent for j in jobs for t in (j.dst, j.preview) if t is not None}
+    for folder in sorted(folders):
+        with contextlib.suppress(OSError):
+            remove_stale_temps(folder)
+
+
+def _run_jobs(model: InferenceModel, jobs: list[Job], settings: _Settings, out, err) -> tuple[int, int, int]:
+    """Every job under a progress bar; (done, failed, with frames lost)."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done = failed = lost = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=out, transient=True) as progress:
-        files_task = progress.add_task("files", total=len(jobs))
+    with Progress(*columns, TextColumn("{task.fields[rate]}"), console=out, transient=True) as progress:
+        files_task = progress.add_task("files", total=len(jobs), rate="")
         for job in jobs:
             progress.update(files_task, description=escape(printable(job.src.name)))
             try:
-                note = _sharpen_job(model, job, tile, overlap, progress)
+                _print_done(progress, job, _sharpen_job(model, job, settings, progress))
                 done += 1
-                extra = f" ({note})" if note else ""
-                progress.console.print(
-                    escape(f"{printable(job.src)} -> {printable(job.dst)}{extra}"), soft_wrap=True
-                )
-                if job.preview is not None:
-                    progress.console.print(f"  preview: {escape(printable(job.preview))}", soft_wrap=True)
+            except FramesLost as exc:  # written, less the frames that could not be decoded
+                _print_done(progress, job, exc.note)
+                err.print(f"[red]error[/red]: {escape(printable(str(exc)))}", soft_wrap=True)
+                done, lost = done + 1, lost + 1
             except Exception as exc:  # one bad file must not stop the batch; it is named and counted
                 failed += 1
                 msg = str(exc) if isinstance(exc, UserError) else f"{job.src}: {type(exc).__name__}: {exc}"
                 err.print(f"[red]error[/red]: {escape(printable(msg))}", soft_wrap=True)
             progress.advance(files_task)
-    summary = f"sharpened {done} file(s)"
-    if failed:
-        summary += f"; {failed} failed (see the errors above)"
-    out.print(summary)
-    return 1 if failed else 0
+    return done, failed, lost
+
+
+def _print_done(progress, job: Job, note: str) -> None:
+    from rich.markup import escape
+
+    extra = f" ({note})" if note else ""
+    progress.console.print(escape(f"{printable(job.src)} -> {printable(job.dst)}{extra}"), soft_wrap=True)
+    if job.preview is not None:
+        progress.console.print(f"  preview: {escape(printable(job.preview))}", soft_wrap=True)
 
 
 def _checked_tiling(tile: int | None, overlap: int | None) -> tuple[int, int]:
     """--tile / --overlap, each defaulting to default_tiling(); UserError when out of range."""
     d_tile, d_overlap = default_tiling()
-    tile, overlap = tile or d_tile, d_overlap if overlap is None else overlap
+    tile, overlap = d_tile if tile is None else tile, d_overlap if overlap is None else overlap
     if tile < 16:
         raise UserError(f"--tile must be at least 16, got {tile}")
     if not 0 <= overlap < tile:
@@ -449,16 +422,24 @@ def _checked_tiling(tile: int | None, overlap: int | None) -> tuple[int, int]:
     return tile, overlap
 
 
-def _sharpen_job(model: InferenceModel, job: Job, tile: int, overlap: int, progress) -> str:
-    """One image or video; a video shows its frames as a second bar while it runs."""
+def _sharpen_job(model: InferenceModel, job: Job, settings: _Settings, progress) -> str:
+    """One image or video; a video shows its frames as a second bar while it runs, with frames/s and ETA."""
     if not job.video:
-        return sharpen_image(model, job, tile, overlap)
-    frames_task = progress.add_task("  frames", total=None)
+        return sharpen_image(model, job, settings.tile, settings.overlap)
+    frames_task = progress.add_task("  frames", total=None, rate="")
+    t0 = time.perf_counter()
 
-    def on_frame(n, total):
-        progress.update(frames_task, completed=n, total=total)
+    def on_frame(n: int, total: int | None) -> None:  # called by the writer thread
+        fps = n / max(time.perf_counter() - t0, 1e-6)
+        eta = f", ETA {_clock((total - n) / fps)}" if total and total >= n else ""
+        progress.update(frames_task, completed=n, total=total, rate=f"{fps:.1f} frames/s{eta}")
 
     try:
-        return sharpen_video(model, job, tile, overlap, on_frame)
+        return sharpen_video(model, job, settings.video_tile, settings.overlap, on_frame, settings.video)
     finally:
         progress.remove_task(frames_task)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
