@@ -88,3 +88,30 @@ def test_bench_errors_are_one_clear_line(tmp_path, tiny_pth, monkeypatch, args, 
     res = runner.invoke(app, ["bench", *args])
     assert res.exit_code == 1
     assert message in res.stderr and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--sizes", "0x0"], 1, "error: --sizes: '0x0' has a side of 0 pixels; each side must be at least 1"),
+        (["--sizes", "64x48,32x0"], 1, "error: --sizes: '32x0' has a side of 0 pixels"),
+        (["--threads", "-3"], 2, "Invalid value for '--threads'"),
+        (["--repeats", "0"], 2, "Invalid value for '--repeats'"),
+        (["--json", "{tmp}/file/b.json"], 1, "error: --json {tmp}/file/b.json: cannot create {tmp}/file: {tmp}/file is a file"),
+        (["--json", "{tmp}"], 1, "error: --json {tmp}: {tmp} is a folder; name a file"),
+    ],
+)  # fmt: skip
+def test_bench_options_are_checked_before_any_timing(tmp_path, tiny_pth, monkeypatch, args, code, message):
+    """Out of range or unwritable: one line (typer's usage error for a bound), and no timing has begun."""
+    import sharpkd.bench
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(sharpkd.bench, "time_target", lambda *a, **k: pytest.fail("timing began"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = runner.invoke(
+        app, ["bench", "--model", str(tiny_pth), "--repeats", "1", *args], env={"COLUMNS": "300"}
+    )
+    assert res.exit_code == code, res.output
+    assert message.replace("{tmp}", str(tmp_path)) in res.stderr and "Traceback" not in res.output
+    if code == 1:
+        assert res.stderr.strip().count("\n") == 0, res.stderr

@@ -245,6 +245,114 @@ def test_failed_stage_is_marked_failed_with_the_message(workdir, capsys):
     assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("distill: RuntimeError")
 
 
+# --------------------------------------------------------------------------- the store's own files
+
+
+def artifact_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def log_note(text: str, onnx: Path | None = None) -> str:
+    """An export stage run in the current folder that logs a note (and registers `onnx`); its run id."""
+    Path("note.txt").write_text(text)
+    with tracking.stage_run("export", on()) as t:
+        t.log_artifact("note.txt", "notes")
+        if onnx is not None:
+            t.log_onnx_model(onnx)
+    return t.run_id
+
+
+def test_a_copied_or_moved_checkout_keeps_its_artifacts_to_itself(workdir, monkeypatch, tmp_path_factory):
+    """`cp -a repo copy`, then a stage in the copy: its artifacts and model go to copy/mlartifacts, not
+    the original's; a moved checkout writes nothing where it was and still reads its old runs."""
+    from mlflow.artifacts import download_artifacts
+
+    from sharpkd.export import export_onnx
+    from sharpkd.models.student import Student
+    from sharpkd.tracking.registry import fetch_model
+
+    onnx = export_onnx(Student(scale=2, channels=8, blocks=1).eval(), workdir / "student.onnx")
+    first = log_note("original", onnx)
+    original = artifact_files(workdir / "mlartifacts")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    copy, moved = elsewhere / "copy", elsewhere / "moved"
+    subprocess.run(["cp", "-a", str(workdir), str(copy)], check=True)
+    monkeypatch.chdir(copy)
+    second = log_note("copy", copy / "student.onnx")
+    assert artifact_files(workdir / "mlartifacts") == original, "the copy wrote into the original"
+    assert (copy / "mlartifacts" / second / "artifacts" / "notes" / "note.txt").read_text() == "copy"
+    client = MlflowClient(f"sqlite:///{copy}/mlflow.db")
+    root = (copy / "mlartifacts").as_uri()
+    assert client.get_experiment_by_name("sharpkd").artifact_location == root
+    assert all(r.info.artifact_uri.startswith(root + "/") for r in runs_of(client))
+    stored = [client.get_model_version_download_uri("sharpkd-student", v) for v in ("1", "2")]
+    assert all(uri.startswith(root + "/models/") for uri in stored), stored
+
+    # The original is moved: nothing is written where it was, its old runs and model are read from it.
+    subprocess.run(["mv", str(workdir), str(moved)], check=True)
+    monkeypatch.chdir(moved)
+    third = log_note("moved")
+    assert not workdir.exists()
+    client = MlflowClient(f"sqlite:///{moved}/mlflow.db")
+    notes = {
+        run_id: Path(
+            download_artifacts(
+                run_id=run_id,
+                artifact_path="notes/note.txt",
+                dst_path=str(elsewhere / run_id),
+                tracking_uri=client.tracking_uri,
+            )
+        ).read_text()
+        for run_id in (first, third)
+    }
+    assert notes == {first: "original", third: "moved"}
+    monkeypatch.setenv("SHARPKD_MODELS_DIR", str(elsewhere / "cache"))
+    fetched = fetch_model("models:/sharpkd-student/1", tracking.resolve_store(on().tracking))
+    assert fetched.read_bytes() == (moved / "student.onnx").read_bytes()
+
+
+A_STAGE = """
+from pathlib import Path
+from sharpkd.pipeline import run_stage
+run_stage("export", lambda params, paths, tracker: Path("ran").touch())
+"""
+
+
+@pytest.mark.parametrize("content", [b"", b"<html>not a database</html>\n"], ids=["empty", "corrupt"])
+def test_an_empty_or_corrupt_store_is_refused_not_replaced(workdir, monkeypatch, content):
+    """A zero-byte (or foreign) mlflow.db beside an mlartifacts/ of old runs: a stage, `sharpkd ui` and
+    a `models:/` lookup stop with one line naming the file and what to do; the file is left as it is
+    (MLflow would silently make it a new, empty store)."""
+    from sharpkd.tracking.registry import fetch_model
+
+    params_path = workdir / "params.yaml"
+    params_path.write_text(yaml.safe_dump(deep_update(deep_update(repo_params_dict(), TINY), E2E)))
+    log_note("an old run")
+    db = workdir / "mlflow.db"
+    db.write_bytes(content)
+    res = subprocess.run(
+        [sys.executable, "-c", A_STAGE],
+        cwd=workdir,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 1 and not (workdir / "ran").exists(), res.stderr[-3000:]
+    (line,) = res.stderr.strip().splitlines()
+    what = "is not an SQLite database (corrupt)" if content else "is empty (0 bytes)"
+    assert line == (
+        f"error [export]: tracking: the MLflow store {db} {what}; restore it from a backup, or move it and "
+        f"{workdir / 'mlartifacts'}/ aside to start a new store (or set tracking.enabled: false)"
+    )
+    with pytest.raises(UserError, match=r"mlflow\.db (is empty|is not an SQLite)"):
+        tracking.ui_command(5000)
+    monkeypatch.setenv("SHARPKD_MODELS_DIR", str(workdir / "cache"))
+    with pytest.raises(UserError, match=r"mlflow\.db (is empty|is not an SQLite)"):
+        fetch_model("models:/sharpkd-student/1")
+    assert db.read_bytes() == content
+
+
 # --------------------------------------------------------------------------- killed stages
 
 HOLDER = """
@@ -346,24 +454,31 @@ def mlflow_server(tmp_path_factory, template_db):
     root = tmp_path_factory.mktemp("server")
     shutil.copy(template_db, root / "server.db")
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/server.db"]
-    cmd += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", "1"]
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=root,
-        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_mlflow_server(root / "server.db", port)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}", root
     finally:
         stop(proc)
-        log.close()
+
+
+def start_mlflow_server(db: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port` over the SQLite store `db`, artifacts in `artifacts/` beside
+    it, in a session of its own (stop() or os.killpg end it); returns once it answers."""
+    folder = db.parent
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
+    cmd += ["--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", "1"]
+    with open(folder / "server.log", "a") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=folder,
+            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return proc
 
 
 @pytest.mark.parametrize("how", ["env", "params"])
@@ -401,6 +516,28 @@ def test_tracking_server_uri_override(workdir, monkeypatch, mlflow_server, how):
     # Artifacts went through the server into its folder; nothing was written locally.
     assert list((server_root / "artifacts").rglob("model_card.md"))
     assert not any(workdir.glob("*.db")) and not (workdir / "mlartifacts").exists()
+
+
+def test_registered_students_resolve_through_a_tracking_server(workdir, monkeypatch, mlflow_server):
+    """`--model models:/...` with MLFLOW_TRACKING_URI at a server: the ONNX file comes through it."""
+    from sharpkd.export import export_onnx
+    from sharpkd.models.student import Student
+    from sharpkd.runtime import resolve_model
+
+    uri, _ = mlflow_server
+    (workdir / "mlflow.db").unlink()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SHARPKD_MODELS_DIR", str(workdir / "cache"))
+    student = Student(scale=2, channels=8, blocks=1).eval()
+    onnx_path = export_onnx(student, workdir / "student.onnx")
+    with tracking.stage_run("export", on()) as t:
+        t.log_onnx_model(onnx_path)
+    version = MlflowClient(uri).get_registered_model("sharpkd-student").aliases["challenger"]
+    for spec in ("models:/sharpkd-student@challenger", f"models:/sharpkd-student/{version}"):
+        path = resolve_model(spec)
+        assert path.read_bytes() == onnx_path.read_bytes(), spec
+        assert path.parent == workdir / "cache" / "sharpkd-student" / str(version)
+    assert not any(workdir.glob("*.db")), "nothing is written to a local store"
 
 
 # --------------------------------------------------------------------------- concurrent writers
@@ -611,8 +748,10 @@ def test_pipeline_and_queued_experiments_are_tracked(repo):
             [exp.experiment_id], filter_string=f"source_run_id = '{export.info.run_id}'"
         )
         info = Model.load(Path(urlparse(model.artifact_location).path) / "MLmodel")
-        assert "onnx" in info.flavors and info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
-        assert info.saved_input_example_info["type"] == "ndarray"
+        # Servable (sharpkd.serving: image bytes in, PNG out; tests/test_registry.py) and still ONNX.
+        assert {"onnx", "python_function"} <= set(info.flavors)
+        assert info.signature.inputs.input_names() == ["image"]
+        assert info.saved_input_example_info["type"] == "dataframe"
         assert export.info.run_id in versions, f"{name}: the student is registered from its export run"
 
     assert len(versions) == 3, "a new version of the registered student per execution"
@@ -621,6 +760,65 @@ def test_pipeline_and_queued_experiments_are_tracked(repo):
     assert not (repo / "mlruns").exists()
     with sqlite3.connect(repo / "mlflow.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.slow
+def test_sharpen_takes_the_student_registered_by_the_pipeline(repo, tmp_path):
+    """After `make run` (`dvc repro`): `sharpkd sharpen photo.png --model models:/sharpkd-student/1
+    -o out.png`; version 1 is the file the pipeline exported, and its aliases say so."""
+    from sharpkd.fetch import file_digest
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    aliases = {a: str(v) for a, v in client.get_registered_model("sharpkd-student").aliases.items()}
+    newest = max(int(v.version) for v in client.search_model_versions("name = 'sharpkd-student'"))
+    assert aliases == {"champion": "1", "challenger": str(newest)}
+    exported = repo / "models/export/student.onnx"  # the baseline's: queued experiments ran in copies
+    assert client.get_model_version("sharpkd-student", "1").tags["sharpkd.onnx_sha256"] == file_digest(
+        exported
+    )
+    photo = next((repo / "data/pairs/valid/input").iterdir())
+    shutil.copy(photo, tmp_path / "photo.png")
+    env = clean_env(SHARPKD_MODELS_DIR=str(tmp_path / "cache"))
+    outputs = {}
+    for model in ("models:/sharpkd-student/1", str(exported)):
+        out = tmp_path / f"out{len(outputs)}.png"
+        cmd = [
+            str(VENV_BIN / "sharpkd"),
+            "sharpen",
+            str(tmp_path / "photo.png"),
+            "--model",
+            model,
+            "-o",
+            str(out),
+        ]
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        outputs[model] = out.read_bytes()
+    assert outputs["models:/sharpkd-student/1"] == outputs[str(exported)]
+
+
+@pytest.mark.slow
+def test_a_copy_of_a_checkout_that_ran_the_pipeline_records_into_itself(repo, tmp_path):
+    """The issue's case: `cp -a repo copy && cd copy && PYTHONPATH=src python stages/evaluate.py`."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(repo), str(copy)], check=True)
+    before = artifact_files(repo / "mlartifacts")
+    started = int(time.time() * 1000)
+    res = subprocess.run(
+        [sys.executable, "stages/evaluate.py"],
+        cwd=copy,
+        env=clean_env(PYTHONPATH=str(copy / "src")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert artifact_files(repo / "mlartifacts") == before, "the copy wrote into the original's mlartifacts/"
+    client = MlflowClient(f"sqlite:///{copy}/mlflow.db")
+    (run,) = runs_of(client, f"attributes.run_name = 'evaluate' and attributes.start_time >= {started}")
+    assert run.info.artifact_uri == (copy / "mlartifacts" / run.info.run_id / "artifacts").as_uri()
+    here = artifact_files(copy / "mlartifacts" / run.info.run_id / "artifacts")
+    assert any(n.startswith("compare/") for n in here) and "dvc/eval.json" in here
 
 
 @pytest.mark.slow

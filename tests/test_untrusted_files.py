@@ -100,19 +100,27 @@ def test_student_pth(tmp_path, marker):
 
 
 @pytest.mark.parametrize(
-    ("command", "name"), [("sharpen", "evil.pth"), ("sharpen", "evil.pt"), ("bench", "evil.pth")]
+    ("command", "name", "trust", "what"),
+    [
+        ("sharpen", "evil.pth", False, "not a sharpkd student checkpoint"),
+        ("sharpen", "evil.pt", False, "a TorchScript model runs the code it carries"),
+        ("sharpen", "evil.pt", True, "not a TorchScript model"),
+        ("bench", "evil.pth", False, "not a sharpkd student checkpoint"),
+        ("bench", "evil.pt", False, "a TorchScript model runs the code it carries"),
+    ],
 )
-def test_model_option(tmp_path, marker, command, name):
+def test_model_option(tmp_path, marker, monkeypatch, command, name, trust, what):
     """`sharpkd sharpen --model` / `sharpkd bench --model` (a .pth student, or a .pt read as
-    TorchScript): one line, exit 1, nothing run."""
+    TorchScript: refused as code unless it is the checkout's export or --trust-code is given, and
+    with --trust-code still no pickle runs): one line, exit 1, nothing run."""
     from PIL import Image
 
+    monkeypatch.chdir(tmp_path)  # a checkout without an export (models/export/model_card.json)
     path = plant(tmp_path / name, marker, arch={"scale": 2}, state_dict={})
     Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
     args = ["sharpen", str(tmp_path / "in.png")] if command == "sharpen" else ["bench", "--sizes", "16x16"]
-    res = CliRunner().invoke(app, [*args, "--model", str(path)])
+    res = CliRunner().invoke(app, [*args, "--model", str(path), *(["--trust-code"] if trust else [])])
     assert res.exit_code == 1
-    what = "not a sharpkd student checkpoint" if name.endswith(".pth") else "not a TorchScript model"
     assert f"{name}: {what}" in res.stderr and "Traceback" not in res.output
     assert res.stderr.strip().count("\n") == 0
     assert not marker.exists()

@@ -1,7 +1,10 @@
 """MLflow wiring: the one place that talks to MLflow, split by job.
 
 store.py (where runs go, the locked client), context.py (git state, execution key, dvc.yaml),
-runs.py (NullTracker, the parent/child runs, stage_run), plots.py (PNG plots), ui.py (sharpkd ui).
+runs.py (NullTracker, the parent/child runs, stage_run), ops.py (what a tracker sends, as data),
+outage.py (what a stage keeps while its store fails), plots.py (PNG plots), ui.py (sharpkd ui),
+registry.py (the aliases export sets; `models:/` URIs resolved to a local ONNX file); `python -m
+sharpkd.tracking` sends what stages kept during an outage.
 
 Where runs go
     `tracking.uri` of params.yaml, else $MLFLOW_TRACKING_URI, else the embedded store
@@ -12,6 +15,18 @@ Where runs go
     path is taken from <root>; the artifacts of any sqlite store live in `mlartifacts` beside the
     database file. `tracking.enabled: false` writes nothing (MLflow is not even imported); under
     torchrun only RANK 0 logs.
+    The store follows its checkout: MLflow records absolute `file://` artifact locations, so when a
+    SQLite store was copied or moved (`cp -a repo copy`), the locations under another folder's
+    `mlartifacts` are rewritten to this one's when the store is opened (store.relocate_artifacts).
+    An empty or non-SQLite database file is refused (MLflow would make it a new, empty store).
+
+Servers and outages
+    A tracking server must answer its /health page within 5 s when a stage starts, else the stage
+    stops before any work with one line (how to run untracked included). The project's client
+    gets short HTTP timeouts and few retries (store.HTTP_DEFAULTS) unless MLFLOW_HTTP_REQUEST_* are
+    set. When the store fails later in a stage, the stage goes on and keeps the rest in an
+    outbox under metrics/unlogged/, sent at its end or by the next stage that reaches the store
+    (outage.py).
 
 Runs: one parent run per pipeline execution, one nested child run per stage that actually ran
     Each stage is its own process, so a stage finds its parent by an execution key (tag
@@ -41,8 +56,10 @@ What is logged
     Metrics: what the stage logs; those logged without a step (final figures) are also copied to
     the parent so the runs table compares executions. None values are skipped. Artifacts: what
     the stage logs, plus the stage's DVC metrics and plots files (`dvc/`) and PNG renderings of
-    its plots (`plots/`). `log_onnx_model` logs an MLflow model (input example, signature) and
-    registers it as a new version of `tracking.registered_model`.
+    its plots (`plots/`). `log_onnx_model` logs the ONNX student as an MLflow model that
+    `mlflow models serve` serves (sharpkd.serving: image bytes in, PNG out; also the `onnx`
+    flavor) and registers it as a new version of `tracking.registered_model`, moving the alias
+    `challenger` to it (and `champion` while there is none; registry.py).
 
 Concurrency
     SQLite has one writer at a time, and MLflow's read-then-write transactions fail with

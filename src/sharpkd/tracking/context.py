@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,3 +117,33 @@ def device_tag() -> str:
     if torch is not None and torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name()})"
     return "cpu"
+
+
+PROCESS_TAG = "sharpkd.process"
+
+
+def process_tag() -> str:
+    """`host:pid:start time` of this process: a later one can tell whether it still runs."""
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.0f}"
+
+
+def gone(tag: str) -> bool:
+    """Whether the process named by a PROCESS_TAG value has ended (False when it cannot be told:
+    another host, or a tag from elsewhere)."""
+    import psutil
+
+    try:
+        host, pid, start = tag.rsplit(":", 2)
+        pid, start = int(pid), float(start)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - start) > 1  # a new process with a reused pid
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False

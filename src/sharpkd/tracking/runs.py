@@ -6,30 +6,41 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sharpkd.config import Params, flatten
 from sharpkd.errors import UserError
 from sharpkd.tracking.context import (
+    PROCESS_TAG,
     chunks,
     describe_error,
     device_tag,
     dvc_stages,
     execution_key,
     git_state,
+    gone,
     numeric_only,
     param_text,
+    process_tag,
     stage_params,
     user_name,
 )
+from sharpkd.tracking.ops import apply_op
+from sharpkd.tracking.outage import UNLOGGED, Outbox, send_kept, send_pending, short_reason, shown
 from sharpkd.tracking.plots import render_plot
-from sharpkd.tracking.store import LockedClient, resolve_store
+from sharpkd.tracking.store import (
+    LockedClient,
+    Store,
+    check_reachable,
+    project_root,
+    resolve_store,
+    unreachable,
+)
 
 _FLUSH_EVERY_S = 10.0  # step metrics are batched; the UI still sees training progress
 _FLUSH_AT = 500
@@ -48,130 +59,131 @@ class NullTracker:
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None: ...
 
-    def log_onnx_model(self, onnx_path: str | Path, input_example: Any) -> None: ...
+    def log_onnx_model(self, onnx_path: str | Path, input_example: Any = None, **options: Any) -> None: ...
 
 
 class MlflowTracker(NullTracker):
-    """The tracker of one stage: its child run, and the parent run of the execution."""
+    """The tracker of one stage: its child run, and the parent run of the execution.
+
+    Every call goes through `_send`: when the store fails, the tracker goes offline and keeps the rest
+    in an outbox (outage.py) instead of waiting on the store or failing the stage.
+    """
 
     def __init__(
         self,
         client: LockedClient,
-        run_id: str,
-        parent_id: str,
+        stage: str,
+        runs: tuple[str, str],
         registered_model: str,
         context_tags: dict,
         stages: dict[str, dict],
         experiment_id: str,
     ):
         self.client = client
+        self.stage = stage
         self.stages = stages
         self.experiment_id = experiment_id
-        self.run_id = run_id
-        self.parent_id = parent_id
+        self.run_id, self.parent_id = runs
         self.registered_model = registered_model
         self.context_tags = context_tags
         self._pending: list = []
         self._flushed_at = time.monotonic()
         self.tags_set: dict[str, str] = {}
+        self.outbox: Outbox | None = None  # set when the store stopped answering
+        self.lost: str | None = None  # why
+
+    def _send(self, op: dict, **objects: Any) -> None:
+        if self.outbox is None:
+            try:
+                apply_op(self.client, op, None, objects)
+                return
+            except Exception as exc:
+                self._go_offline(exc)
+        self.outbox.add(op, objects)
+
+    def _go_offline(self, exc: Exception) -> None:
+        store = self.client.store
+        self.lost = short_reason(exc)
+        root = project_root()
+        folder = root / UNLOGGED / f"{self.stage}-{self.run_id}"
+        header = {"store": store.uri, "stage": self.stage, "run": self.run_id, "parent": self.parent_id}
+        self.outbox = Outbox(folder, {**header, "reason": self.lost})
+        print(
+            f"[{self.stage}] warning: tracking: {_where(store)} failed ({self.lost}); the stage goes on "
+            f"and keeps what it cannot log in {shown(folder, root)}",
+            file=sys.stderr,
+        )
 
     # Metrics with a step (training curves) are batched; final figures go out at once, to both runs.
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         values = numeric_only(metrics)
         if not values:
             return
         now = int(time.time() * 1000)
         if step is None:
-            batch = [Metric(k, v, now, 0) for k, v in values.items()]
+            batch = [[k, v, now, 0] for k, v in values.items()]
             for run_id in (self.run_id, self.parent_id):
                 for part in chunks(batch, 1000):
-                    self.client.log_batch(run_id, metrics=part)
+                    self._send({"op": "metrics", "run": run_id, "items": part})
             return
-        self._pending += [Metric(k, v, now, int(step)) for k, v in values.items()]
+        self._pending += [[k, v, now, int(step)] for k, v in values.items()]
         if len(self._pending) >= _FLUSH_AT or time.monotonic() - self._flushed_at > _FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
         for part in chunks(pending, 1000):
-            self.client.log_batch(self.run_id, metrics=part)
+            self._send({"op": "metrics", "run": self.run_id, "items": part})
         self._flushed_at = time.monotonic()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, param_text(v)) for k, v in params.items() if v is not None]
+        items = [(k, param_text(v)) for k, v in params.items() if v is not None]
         for part in chunks(items, 100):
-            self.client.log_batch(self.run_id, params=part)
+            self._send({"op": "params", "run": self.run_id, "items": dict(part)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self.tags_set.update({t.key: t.value for t in items})
+        items = {k: str(v) for k, v in tags.items()}
+        self.tags_set.update(items)
         for run_id in (self.run_id, self.parent_id):
-            for part in chunks(items, 100):
-                self.client.log_batch(run_id, tags=part)
+            for part in chunks(list(items.items()), 100):
+                self._send({"op": "tags", "run": run_id, "items": dict(part)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send(
+            {"op": "artifact", "run": self.run_id, "path": str(Path(path).resolve()), "dest": artifact_path}
+        )
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
-
-    def log_onnx_model(self, onnx_path: str | Path, input_example: Any, register: bool = True) -> None:
-        """Log the ONNX model as an MLflow model (input example, signature with dynamic sizes) and
-        register it as a new version of tracking.registered_model."""
-        import mlflow.onnx
-        import numpy as np
-        import onnx
-        import onnxruntime as ort
-        from mlflow.models.signature import ModelSignature
-        from mlflow.types.schema import Schema, TensorSpec
-
-        example = np.asarray(input_example)
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        outputs = session.run(None, {session.get_inputs()[0].name: example})
-
-        def schema(nodes, arrays) -> Schema:
-            # Symbolic ONNX dims (batch, height, width) become -1: any size is accepted.
-            return Schema(
-                [
-                    TensorSpec(a.dtype, tuple(d if isinstance(d, int) else -1 for d in n.shape), n.name)
-                    for n, a in zip(nodes, arrays, strict=True)
-                ]
-            )
-
-        signature = ModelSignature(
-            schema(session.get_inputs(), [example]), schema(session.get_outputs(), outputs)
+        self._send(
+            {
+                "op": "artifacts",
+                "run": self.run_id,
+                "path": str(Path(folder).resolve()),
+                "dest": artifact_path,
+            }
         )
-        name = Path(onnx_path).stem
-        # Created here so that it belongs to the run's experiment (log_model would use the fluent
-        # API's current one).
-        model = self.client.create_logged_model(self.experiment_id, name, source_run_id=self.run_id)
-        info = self.client.call(
-            _with_fluent_uri,
-            self.client.store.uri,
-            mlflow.onnx.log_model,
-            onnx.load(str(onnx_path)),
-            name=name,
-            model_id=model.model_id,
-            input_example=example,
-            signature=signature,
-            # Explicit requirements: inferring them would load the model in a subprocess (seconds).
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            registered_model_name=self.registered_model if register else None,
-            run_id=self.run_id,
-        )
-        if register and info.registered_model_version is not None:
-            for key in ("git.commit", "dvc.exp_name"):
-                if self.context_tags.get(key):
-                    self.client.set_model_version_tag(
-                        self.registered_model, str(info.registered_model_version), key, self.context_tags[key]
-                    )
-            self.client.set_tag(self.run_id, "sharpkd.registered_version", str(info.registered_model_version))
+
+    def log_onnx_model(
+        self,
+        onnx_path: str | Path,
+        input_example: Any = None,
+        register: bool = True,
+        tiling: tuple[int, int] | None = None,
+    ) -> None:
+        """Log the ONNX student as an MLflow model that `mlflow models serve` serves (sharpkd.serving:
+        image bytes in, PNG out; also the `onnx` flavor) and register it as a new version of
+        tracking.registered_model, with the aliases of tracking/registry.py (ops.log_model)."""
+        tags = {k: self.context_tags[k] for k in ("git.commit", "dvc.exp_name") if self.context_tags.get(k)}
+        op = {
+            "op": "model",
+            "run": self.run_id,
+            "experiment": self.experiment_id,
+            "name": self.registered_model if register else None,
+            "tags": tags,
+            "path": str(Path(onnx_path).resolve()),
+            "tiling": list(tiling) if tiling else None,
+        }
+        self._send(op, example=input_example)
 
     def log_dvc_outputs(self, stage: str) -> None:
         """The stage's DVC metrics and plots files as artifacts, plus a PNG of each plot."""
@@ -204,25 +216,6 @@ class MlflowTracker(NullTracker):
                     self.log_artifact(png, "plots")
 
 
-def _with_fluent_uri(uri: str, fn: Callable, *args, **kwargs):
-    """Call `fn` (an MLflow fluent-API function) against `uri`.
-
-    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; it is put back so that a later
-    resolve_store in this process still sees the user's setting.
-    """
-    import mlflow
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
-
-
 def _experiment_id(client: LockedClient, name: str, artifact_root: Path | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -247,66 +240,44 @@ def _experiment_id(client: LockedClient, name: str, artifact_root: Path | None) 
         return exp.experiment_id
 
 
-PROCESS_TAG = "sharpkd.process"
-
-
-def process_tag() -> str:
-    """`host:pid:start time` of this process: a later one can tell whether it still runs."""
-    import psutil
-
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.0f}"
-
-
-def _gone(tag: str) -> bool:
-    """Whether the process named by a PROCESS_TAG value has ended (False when it cannot be told:
-    another host, or a tag from elsewhere)."""
-    import psutil
-
-    try:
-        host, pid, start = tag.rsplit(":", 2)
-        pid, start = int(pid), float(start)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return False
-    try:
-        return abs(psutil.Process(pid).create_time() - start) > 1  # a new process with a reused pid
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False
-
-
 def mark_orphans_killed(client: LockedClient, experiment_ids: list[str]) -> list[str]:
     """Runs left RUNNING by a stage process that no longer exists (kill -9, the OOM killer, a
     crash) are marked KILLED, with the reason in their `error` tag; returns their ids."""
     from mlflow.entities import RunTag
 
     found = client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000)
-    gone = [r for r in found if _gone(r.data.tags.get(PROCESS_TAG, ""))]
-    for run in gone:
+    ended = [r for r in found if gone(r.data.tags.get(PROCESS_TAG, ""))]
+    for run in ended:
         pid = run.data.tags[PROCESS_TAG].rsplit(":", 2)[1]
         note = f"killed: process {pid} ended without closing this run (marked KILLED later)"
         client.log_batch(run.info.run_id, tags=[RunTag("error", note)])
         client.set_terminated(run.info.run_id, "KILLED")
-    return [r.info.run_id for r in gone]
+    return [r.info.run_id for r in ended]
 
 
 def _open(stage: str, params: Params) -> MlflowTracker:
-    from mlflow.entities import Param
-
+    """The stage's tracker; UserError, within seconds, when the store cannot be used."""
     store = resolve_store(params.tracking)
+    check_reachable(store)
     try:
         client = LockedClient(store)
+        for note in send_pending(client, project_root()):  # what stages kept during an outage
+            print(f"[{stage}] {note}", file=sys.stderr)
         exp_id = _experiment_id(client, params.tracking.experiment, store.artifact_root)
         mark_orphans_killed(client, [exp_id])  # before this stage looks for its parent
+        return _start_runs(client, stage, params, exp_id)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(
-            f"tracking: cannot use the MLflow store {store.uri}: {exc}; "
+            f"tracking: cannot use {_where(store)} ({short_reason(exc)}); "
             "fix tracking.uri / MLFLOW_TRACKING_URI or set tracking.enabled: false"
         ) from None
+
+
+def _start_runs(client: LockedClient, stage: str, params: Params, exp_id: str) -> MlflowTracker:
+    """The stage's child run, under its execution's parent (found or created)."""
+    from mlflow.entities import Param
 
     commit, dirty = git_state()
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -374,56 +345,55 @@ def _open(stage: str, params: Params) -> MlflowTracker:
             PROCESS_TAG: me,
         },
     )
-    tracker = MlflowTracker(
-        client, child.info.run_id, parent_id, params.tracking.registered_model, common, stages, exp_id
-    )
+    runs = (child.info.run_id, parent_id)
+    tracker = MlflowTracker(client, stage, runs, params.tracking.registered_model, common, stages, exp_id)
     tracker.log_params(stage_params(flat, stages.get(stage) or {}))
     return tracker
 
 
 def _close(tracker: MlflowTracker, stage: str, status: str, error: str | None) -> None:
-    from mlflow.entities import RunTag
-
-    client = tracker.client
     tracker.flush()
     device = tracker.tags_set.get("device") or device_tag()
-    child_tags = {"device": device}
-    if error is not None:
-        child_tags["error"] = error
-    client.log_batch(tracker.run_id, tags=[RunTag(k, v) for k, v in child_tags.items()])
-    client.set_terminated(tracker.run_id, status)
+    child_tags = {"device": device} | ({} if error is None else {"error": error})
+    tracker._send({"op": "tags", "run": tracker.run_id, "items": child_tags})
+    tracker._send({"op": "end", "run": tracker.run_id, "status": status})
+    # Stages that write nothing (check_params) are no part of an execution's results.
+    order = [
+        s
+        for s, d in tracker.stages.items()
+        if s != "__plots__" and any(d.get(k) for k in ("outs", "metrics", "plots"))
+    ]
+    finish = {"op": "finish", "run": tracker.parent_id, "stage": stage, "order": order}
+    tracker._send(finish | {"status": status, "error": error, "device": device})
 
-    def update_parent() -> None:
-        run = client.client.get_run(tracker.parent_id)
-        done = [s for s in run.data.tags.get("sharpkd.stages", "").split(",") if s]
-        done.append(stage)
-        # Stages that write nothing (check_params) are no part of an execution's results.
-        order = [
-            s
-            for s, d in tracker.stages.items()
-            if s != "__plots__" and any(d.get(k) for k in ("outs", "metrics", "plots"))
-        ]
-        done = sorted(set(done), key=lambda s: order.index(s) if s in order else len(order))
-        skipped = [s for s in order if s not in done]
-        note = f"Stages that ran in this execution: {', '.join(done)}."
-        if skipped:
-            note += (
-                f" Not run here: {', '.join(skipped)} (unchanged, so DVC used its cache, or the pipeline stopped "
-                "before them); their results come from earlier runs."
+
+def _after_outage(tracker: MlflowTracker) -> None:
+    """At the end of a stage that lost its store: try it once more, else say in one line where what
+    it could not log is kept. The stage's own outcome (its outputs, its exit status) stands."""
+    store, folder, root = tracker.client.store, tracker.outbox.folder, project_root()
+    why = unreachable(store)
+    if why is None:
+        try:
+            refused = send_kept(tracker.client, folder)
+            extra = f" ({len(refused)} refused: {'; '.join(refused)})" if refused else ""
+            print(
+                f"[{tracker.stage}] tracking: {_where(store)} answers again; all is logged{extra}",
+                file=sys.stderr,
             )
-        tags = {
-            "sharpkd.stages": ",".join(done),
-            "sharpkd.partial": str(bool(skipped)).lower(),
-            "mlflow.note.content": note,
-        }
-        if device.startswith("cuda") or "device" not in run.data.tags:
-            tags["device"] = device
-        if error is not None:
-            tags["error"] = f"{stage}: {error}"
-        client.client.log_batch(tracker.parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        client.client.set_terminated(tracker.parent_id, status)
+            return
+        except Exception as exc:
+            why = short_reason(exc)
+    print(
+        f"[{tracker.stage}] warning: tracking: {_where(store)} still fails ({why}); the stage's outputs are "
+        f"written but its MLflow run {tracker.run_id} is incomplete: what it could not log is kept in "
+        f"{shown(folder, root)} and sent by the next stage that reaches the store, or by "
+        "`python -m sharpkd.tracking`",
+        file=sys.stderr,
+    )
 
-    client.call(update_parent)
+
+def _where(store: Store) -> str:
+    return f"the MLflow {'server' if store.is_server else 'store'} {store.uri}"
 
 
 @contextlib.contextmanager
@@ -455,3 +425,5 @@ def stage_run(stage: str, params: Params) -> Iterator[NullTracker]:
                 raise
             # Do not hide the stage's own error behind a tracking one.
             print(f"[{stage}] warning: could not record the failure in MLflow: {exc}", file=sys.stderr)
+        if tracker.outbox is not None:
+            _after_outage(tracker)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sharpkd.tracking.store import project_root, resolve_store
+from sharpkd.tracking.store import check_db, project_root, resolve_store
 
 
 def ui_command(port: int, params_path: str | Path = "params.yaml") -> tuple[list[str] | None, str]:
@@ -22,6 +22,7 @@ def ui_command(port: int, params_path: str | Path = "params.yaml") -> tuple[list
     store = resolve_store(tp, root)
     if store.lock_path is None:
         return None, f"tracking goes to {store.uri}: open that address in a browser (it serves the MLflow UI)"
+    check_db(store)  # the UI would start a new, empty store in an empty mlflow.db
     cmd = [
         sys.executable,
         "-m",
@@ -54,8 +55,7 @@ def ui_command(port: int, params_path: str | Path = "params.yaml") -> tuple[list
 
 def _close_orphans(store) -> int:
     """Mark the runs of stages that were killed (their process is gone) KILLED; how many there were."""
-    db = store.lock_path.with_suffix("")  # mlflow.db.lock -> mlflow.db
-    if not db.is_file():
+    if not store.db_path.is_file():
         return 0
     from sharpkd.tracking.runs import mark_orphans_killed
     from sharpkd.tracking.store import LockedClient
