@@ -15,6 +15,8 @@ from typing import Any
 
 FILE_FIELDS = ("path", "example")  # operation fields that name a file or folder
 
+SERVING_FLAVOR = "sharpkd.serving"  # the MLflow flavor of the registered student
+
 
 def _file(op: dict, key: str, folder: Path | None) -> str:
     path = Path(op[key])
@@ -114,10 +116,15 @@ def finish_parent(client, op: dict) -> None:
 def log_model(client, op: dict, onnx_path: str, example: Any) -> None:
     """Log the ONNX student as an MLflow model of run op['run'] and register it as a new version of
     op['name'] (None: not registered), with the aliases and tags of tracking/registry.py."""
+    import importlib
+
     from mlflow.models import Model
 
-    from sharpkd import serving
     from sharpkd.tracking.registry import tag_new_version
+
+    # The flavor by name: serving runs the student through runtime and sharpen, which resolve
+    # `models:/` URIs through this package; a module-level import would make the two depend on each other.
+    serving = importlib.import_module(SERVING_FLAVOR)
 
     name = Path(onnx_path).stem
     # Created here so that it belongs to the run's experiment (log_model would use the fluent API's one).
