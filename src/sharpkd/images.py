@@ -17,6 +17,26 @@ from sharpkd.errors import UserError
 from sharpkd.files import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+# Video files (what FFmpeg reads): sharpened by sharpen/video.py, sampled for training by data/footage.py.
+VIDEO_SUFFIXES = frozenset(
+    {
+        ".mp4",
+        ".m4v",
+        ".mov",
+        ".mkv",
+        ".webm",
+        ".avi",
+        ".mpg",
+        ".mpeg",
+        ".wmv",
+        ".flv",
+        ".ts",
+        ".m2ts",
+        ".mts",
+        ".3gp",
+        ".ogv",
+    }
+)
 
 
 EXIF_ORIENTATION = 0x0112

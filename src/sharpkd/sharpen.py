@@ -25,12 +25,19 @@ import numpy as np
 from sharpkd.errors import UserError
 from sharpkd.files import _TEMP as TEMP_NAME
 from sharpkd.files import atomic_path, remove_stale_temps
-from sharpkd.images import IMAGE_SUFFIXES, list_files, load_image, printable, save_image, to_image, to_tensor
+from sharpkd.images import (
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    list_files,
+    load_image,
+    printable,
+    save_image,
+    to_image,
+    to_tensor,
+)
 from sharpkd.runtime import InferenceModel
 
 # What FFmpeg reads (any container it knows; these suffixes are the ones looked for in folders).
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
-VIDEO_SUFFIXES |= {".m2ts", ".mts", ".3gp", ".ogv"}
 # What a video is written as (video.CONTAINERS); WebM takes AV1 or VP9 only (--codec libsvtav1).
 VIDEO_SAVE_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm"}
 # Inputs in these keep their container (an .mkv's subtitles stay); the others are written as .mp4.

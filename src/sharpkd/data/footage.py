@@ -26,15 +26,10 @@ import numpy as np
 
 from sharpkd.data.degradation import center_crop
 from sharpkd.errors import UserError
-from sharpkd.images import printable
+from sharpkd.images import VIDEO_SUFFIXES, printable
 
-# What FFmpeg reads; a file with another suffix is not looked at.
-CLIP_SUFFIXES = frozenset(
-    {
-        ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv",
-        ".ts", ".m2ts", ".mts", ".3gp", ".ogv",
-    }
-)  # fmt: skip
+# What FFmpeg reads (the one list, images.py); a file with another suffix is not looked at.
+CLIP_SUFFIXES = VIDEO_SUFFIXES
 
 
 class ClipReadError(UserError):
