@@ -299,7 +299,7 @@ def test_train_state_round_trips_through_the_checkpoint(tmp_path):
     ckpt = state.to_checkpoint(net, opt, sched, cfg=cfg, fingerprint={"precision": "fp32"}, on_cuda=False)
     assert set(ckpt) == {
         "objective", "optimizer", "scheduler", "rng_cpu", "rng_cuda", "step", "steps", "curve",
-        "best", "best_step", "best_state", "fingerprint", "config",
+        "best", "best_step", "best_state", "ema", "fingerprint", "config",
     }  # fmt: skip
     assert ckpt["steps"] == 6 and ckpt["rng_cuda"] is None and ckpt["config"]["warmup_steps"] == 2
     torch.save(ckpt, tmp_path / "ckpt.pt")
@@ -577,3 +577,61 @@ def test_a_checkpoint_resumes_only_on_the_cache_it_was_trained_on(pipeline, tmp_
     info["pools"]["train"]["sha256"]["train_out.npy"] = file_digest(cache / "train_out.npy")
     (cache / "cache.json").write_text(json.dumps(info))
     assert _distill_with_cache(pipeline, params, cache, "run")["resumed_from"] == 0
+
+
+def test_weight_average_follows_the_formula_and_swaps_back():
+    from sharpkd.train import WeightAverage
+
+    net = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    avg = WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    avg.update(net)  # decay min(0.5, 2/11) = 2/11
+    d = 2 / 11
+    expected = start["weight"] * d + net.weight.detach() * (1 - d)
+    raw = net.weight.detach().clone()
+    with avg.swapped_in(net):
+        assert torch.allclose(net.weight, expected)
+    assert torch.equal(net.weight, raw)  # the raw weights are back after the block
+    again = WeightAverage(net, 0.5, avg.state_dict())  # as a resumed run rebuilds it
+    assert again.updates == 1 and torch.allclose(again.weights[again.names.index("weight")], expected)
+
+
+def test_ema_is_what_is_validated_and_kept_and_survives_a_resume(tmp_path):
+    """With cfg.ema_decay the averaged weights are validated and kept (best_state), the raw ones are
+    validated beside them (val_raw_psnr), and a run resumed from a checkpoint ends where an
+    uninterrupted one does."""
+
+    def run(ckpt, steps, stop=None):
+        torch.manual_seed(0)
+        student = Student(scale=2, channels=8, blocks=1)
+        obj = DistillObjective(student, loss_params(pixel=1, kd=0))
+        fixed = [_batch() for _ in range(8)]
+        val = fixed[0]
+
+        def batch_fn(step):
+            if step == stop:
+                raise KeyboardInterrupt
+            return fixed[step]
+
+        def evaluate():
+            return {"psnr": -float(F.l1_loss(student(val["input"]), val["hr"]))}
+
+        cfg = FitConfig(steps=steps, lr=1e-2, eval_every=2, checkpoint_every=2, ema_decay=0.9)
+        return fit(obj, batch_fn, cfg, evaluate=evaluate, checkpoint_path=ckpt), obj
+
+    ref, obj = run(tmp_path / "a.pt", 8)
+    rows = [r for r in ref.curve if "val_psnr" in r]
+    assert len(rows) == 4 and all("val_raw_psnr" in r for r in rows)
+    assert any(r["val_psnr"] != r["val_raw_psnr"] for r in rows)
+    if ref.best_step == 8:  # what is kept at the end is the average, not the raw weights
+        raw_end = obj.state_dict()
+        assert any(not torch.equal(ref.best_state[k], v) for k, v in raw_end.items() if v.is_floating_point())
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", 8, stop=5)
+    resumed, _ = run(tmp_path / "b.pt", 8)
+    assert resumed.resumed_from == 4
+    assert resumed.best_step == ref.best_step
+    for k, v in ref.best_state.items():
+        assert torch.equal(v, resumed.best_state[k]), k

@@ -99,7 +99,7 @@ class TeacherTrainParams:
 
 @dataclass(frozen=True)
 class TeacherParams:
-    source: Literal["swinir", "checkpoint", "pan", "train"]
+    source: Literal["swinir", "checkpoint", "pan", "dctlsa", "train"]
     checkpoint: str
     feature_layers: tuple[str, ...]
     feature_channels: int = field(metadata=_range(0, 4096))
@@ -152,6 +152,7 @@ class DistillParams:
     checkpoint_every: int = field(metadata=_range(1, None))
     teacher: bool  # false: the no-teacher baseline (the cache holds only the validation outputs)
     teacher_only_fraction: float = field(metadata=_range(0, 1))  # share of each batch
+    ema: float = field(metadata=_range(0, 0.99999))  # decay of the weights' moving average (0 = none)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ def fit_config(params: Params, world: int, cache_info: dict, pairs_dir: Path) ->
         params,
         weight_decay=d.weight_decay,
         checkpoint_every=d.checkpoint_every,
+        ema_decay=d.ema,
         # The cache's content, not its timings: a rebuilt but identical cache still resumes.
         fingerprint={
             "params": training_params(params),

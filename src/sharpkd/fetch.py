@@ -31,6 +31,17 @@ _PAN_SHA256 = {
     3: "86491751d73645a8816a0d6ec62ccde6b22ce5da930e36b3b87f5437167fbc89",
     4: "739fab99ee7b7058dab4d1b84aa2869bb9fc3995a1c08789c20355bee943833c",
 }
+# DCTLSA (Zeng et al.; Apache-2.0), the authors' files at the commit that added them; saved as plain
+# state dicts on a CUDA device (spandrel loads them onto the CPU). Stored locally under a name that
+# says what they are (their own names are X2.pt, X3.pt, X4.pt).
+_DCTLSA = (
+    "https://github.com/zengkun301/DCTLSA/raw/f8bb3bbc3d2f98633cadf8e2f5f326c31f3bd5db/pretrained/X{s}.pt"
+)
+_DCTLSA_SHA256 = {
+    2: "df08c0b6dc0a034c63b6d425586ac3c13ed227db75bb0282b012b4220e943eb9",
+    3: "4af9979200d385177ea5284215f144a85cebf5037014af164b1efe5a5beea86d",
+    4: "58d822beb3a1bf1d3e5dc91371a5686debda6bdbf246a4484805bda37cb18c06",
+}
 
 # torchvision's ImageNet VGG19 (VGG19_Weights.IMAGENET1K_V1), for loss.perceptual.
 _VGG19 = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
@@ -52,6 +63,14 @@ PRETRAINED: dict[str, dict] = {
     },
     **{
         f"pan_x{s}": {"filename": f"PANx{s}_DF2K.pth", "url": _PAN.format(s=s), "sha256": _PAN_SHA256[s]}
+        for s in (2, 3, 4)
+    },
+    **{
+        f"dctlsa_x{s}": {
+            "filename": f"DCTLSA_X{s}.pt",
+            "url": _DCTLSA.format(s=s),
+            "sha256": _DCTLSA_SHA256[s],
+        }
         for s in (2, 3, 4)
     },
     "vgg19": {"filename": _VGG19.rsplit("/", 1)[1], "url": _VGG19, "sha256": "dcbb9e9d"},

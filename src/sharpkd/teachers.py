@@ -3,6 +3,7 @@
 swinir      the official SwinIR-M weights (fetch.PRETRAINED), loaded by spandrel
 checkpoint  any SR checkpoint spandrel loads (teacher.checkpoint)
 pan         the official PAN weights, our PAN architecture (models/pan.py)
+dctlsa      the official DCTLSA weights (a lightweight local self-attention model), loaded by spandrel
 train       an EDSR-style CNN trained from scratch on data/pairs through the one training loop
 
 The teacher stage saves what a source returns as models/teacher/; models/teacher.py loads it back
@@ -60,6 +61,11 @@ def _checkpoint(params: Params, pairs: Path, tracker) -> ObtainedTeacher:
     return _spandrel(path, params, str(path))
 
 
+def _dctlsa(params: Params, pairs: Path, tracker) -> ObtainedTeacher:
+    path, url = _pretrained(params, "dctlsa")
+    return _spandrel(path, params, url)
+
+
 def _pan(params: Params, pairs: Path, tracker) -> ObtainedTeacher:
     path, url = _pretrained(params, "pan")
     s = params.data.scale
@@ -106,6 +112,7 @@ TEACHER_SOURCES: dict[str, Callable[[Params, Path, object], ObtainedTeacher]] = 
     "swinir": _swinir,
     "checkpoint": _checkpoint,
     "pan": _pan,
+    "dctlsa": _dctlsa,
     "train": _train,
 }
 

@@ -4,7 +4,8 @@
 (total loss, {term: value}). Batches come from `batch_fn(step)`, which must be a
 pure function of the step (see data/datasets.py), so a resumed run sees exactly
 the batches an uninterrupted run would. AdamW, cosine schedule with linear
-warm-up, gradient clipping, bf16 autocast where the device computes bf16
+warm-up, gradient clipping, an optional exponential moving average of the weights
+(validated, kept and saved in their place; the raw weights are validated beside them), bf16 autocast where the device computes bf16
 natively (CUDA; CPUs with AVX512-BF16 or AMX), channels-last on CUDA, a
 checkpoint every `checkpoint_every` steps, validation every `eval_every` steps.
 A checkpoint holds the weights, optimizer, scheduler and RNG states and a
@@ -55,6 +56,7 @@ class FitConfig:
     amp: bool = True
     seed: int = 0
     log_every: int = 10
+    ema_decay: float = 0.0  # 0 = no moving average of the weights
     # Anything that must match for a checkpoint to be resumed (params, data fingerprint).
     fingerprint: dict = field(default_factory=dict)
 
@@ -125,6 +127,7 @@ class TrainState:
     best: dict = field(default_factory=dict)  # metrics at the best validation PSNR
     best_step: int = -1
     best_state: dict | None = None  # the objective's state_dict (on the CPU) at best_step
+    ema: dict | None = None  # WeightAverage.state_dict(), when cfg.ema_decay > 0
 
     def to_checkpoint(
         self,
@@ -148,6 +151,7 @@ class TrainState:
             "best": self.best,
             "best_step": self.best_step,
             "best_state": self.best_state,
+            "ema": self.ema,
             "fingerprint": fingerprint,
             "config": asdict(cfg),
         }
@@ -177,18 +181,68 @@ class TrainState:
             best=ckpt["best"],
             best_step=ckpt["best_step"],
             best_state=ckpt["best_state"],
+            ema=ckpt.get("ema"),
         )
 
-    def validate(self, objective: nn.Module, evaluate: Callable[[], dict], step: int) -> dict:
-        """`evaluate()`'s metrics at `step`; the objective's state is kept when its PSNR is the best yet."""
+    def validate(
+        self,
+        objective: nn.Module,
+        evaluate: Callable[[], dict],
+        step: int,
+        average: WeightAverage | None = None,
+    ) -> dict:
+        """`evaluate()`'s metrics at `step`; the objective's state is kept when its PSNR is the best yet.
+        With a moving `average`, the averaged weights are what is validated and kept; the raw
+        weights' metrics come back beside them as `raw_<metric>`."""
         objective.eval()
         with torch.no_grad():
-            metrics = evaluate()
+            raw = evaluate() if average is not None else {}
+            with average.swapped_in(objective) if average is not None else contextlib.nullcontext():
+                metrics = evaluate()
+                if not self.best or metrics.get("psnr", -math.inf) > self.best.get("psnr", -math.inf):
+                    self.best, self.best_step = dict(metrics), step
+                    self.best_state = {
+                        k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()
+                    }
         objective.train()
-        if not self.best or metrics.get("psnr", -math.inf) > self.best.get("psnr", -math.inf):
-            self.best, self.best_step = dict(metrics), step
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()}
-        return metrics
+        return {**metrics, **{f"raw_{k}": v for k, v in raw.items()}}
+
+
+class WeightAverage:
+    """An exponential moving average of a module's floating-point state (weights and buffers).
+
+    The decay ramps up as (1 + n) / (10 + n) over the first updates (capped at `decay`), so the
+    average is not anchored to the initial weights."""
+
+    def __init__(self, module: nn.Module, decay: float, state: dict | None = None):
+        self.decay = decay
+        self.names = [k for k, v in module.state_dict().items() if v.is_floating_point()]
+        current = module.state_dict()
+        self.updates = int(state["updates"]) if state else 0
+        source = state["weights"] if state else current
+        self.weights = [source[k].detach().to(current[k].device, copy=True) for k in self.names]
+
+    def update(self, module: nn.Module) -> None:
+        current = module.state_dict()
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.weights, [current[k].detach() for k in self.names], 1 - decay)
+
+    def state_dict(self) -> dict:
+        return {
+            "updates": self.updates,
+            "weights": {k: v.to("cpu", copy=True) for k, v in zip(self.names, self.weights, strict=True)},
+        }
+
+    @contextlib.contextmanager
+    def swapped_in(self, module: nn.Module):
+        """`module` holds the averaged weights inside the block, its own ones again after it."""
+        saved = {k: v.detach().clone() for k, v in module.state_dict().items() if k in set(self.names)}
+        module.load_state_dict(dict(zip(self.names, self.weights, strict=True)), strict=False)
+        try:
+            yield module
+        finally:
+            module.load_state_dict(saved, strict=False)
 
 
 def fit(
@@ -234,6 +288,7 @@ def fit(
         desc=desc,
     )
     start = state.step
+    average = WeightAverage(objective, cfg.ema_decay, state.ema) if cfg.ema_decay > 0 else None
 
     # Wrapped after the resume: DDP broadcasts rank 0's (resumed) weights to the other ranks.
     model = objective
@@ -266,6 +321,8 @@ def fit(
     )
     for step in bar:
         total, terms = train_step(batch_fn(step), step)
+        if average is not None:
+            average.update(objective)
         done = step + 1
         row = {
             "step": done,
@@ -275,7 +332,7 @@ def fit(
         }
         # Only rank 0 validates and writes; the other ranks train in step with it.
         if evaluate is not None and rank == 0 and _due(done, cfg.eval_every, cfg.steps):
-            last_metrics = state.validate(objective, evaluate, done)
+            last_metrics = state.validate(objective, evaluate, done, average)
             row.update({f"val_{k}": v for k, v in last_metrics.items()})
         state.step = done
         state.curve.append(row)
@@ -283,6 +340,7 @@ def fit(
             _report(bar, row, cfg, log_metrics)
         # checkpoint_every 0: no checkpoint at all, not even after the last step.
         if cfg.checkpoint_every and _due(done, cfg.checkpoint_every, cfg.steps) and rank == 0 and ckpt_path:
+            state.ema = average.state_dict() if average is not None else None
             ckpt = state.to_checkpoint(
                 objective, optimizer, scheduler, cfg=cfg, fingerprint=fingerprint, on_cuda=on_cuda
             )
