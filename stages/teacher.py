@@ -1,44 +1,40 @@
 """DVC stage `teacher`: the teacher named by teacher.source -> models/teacher/ (teacher.pth, teacher.json).
 
-The sources (swinir, checkpoint, pan, train) are the table in sharpkd/teachers.py; teacher.json is
-what sharpkd.models.teacher.load_teacher reads back.
+The sources (swinir, checkpoint, pan, dctlsa, train) are the table in sharpkd/teachers.py; the further
+teachers of an ensemble (teacher.ensemble) go to models/teacher/members/<source>/, and teacher.json
+records them and teacher.self_ensemble: what sharpkd.models.teacher.load_teacher reads back.
 """
 
 from __future__ import annotations
 
-import torch
-
 from sharpkd.config import Params
-from sharpkd.files import atomic_dir, write_json
-from sharpkd.models.teacher import copy_weights, describe
+from sharpkd.files import atomic_dir
+from sharpkd.models.teacher import member_folder, save_teacher
 from sharpkd.pipeline import StagePaths, run_stage
-from sharpkd.teachers import obtain_teacher
+from sharpkd.teachers import obtain_members, obtain_teacher
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:
     scale, source = params.data.scale, params.teacher.source
-    model, weights_file, fields = obtain_teacher(params, paths.pairs, tracker)
+    obtained = obtain_teacher(params, paths.pairs, tracker)
+    members = obtain_members(params, paths.pairs, tracker)
     with atomic_dir(paths.teacher) as tmp:
-        dest = tmp / "teacher.pth"
-        if weights_file is not None:  # kept byte for byte: its sha256 stays the published one
-            copy_weights(weights_file, dest)
-        else:
-            torch.save(model.state_dict(), dest)
-        info = describe(
-            model,
+        saved = [save_teacher(member_folder(tmp, s), *m, source=s, scale=scale) for s, m in members]
+        info = save_teacher(
+            tmp,
+            *obtained,
             source=source,
             scale=scale,
-            weights=dest,
             feature_layers=params.teacher.feature_layers,
-            **fields,
+            members=saved,
+            self_ensemble=params.teacher.self_ensemble,
         )
-        write_json(tmp / "teacher.json", info)
     print(
-        f"[teacher] {info['architecture']} x{scale} from {source}: "
-        f"{info['params']:,} params -> {paths.teacher}"
+        f"[teacher] {info['name']}, x{scale}, from {', '.join([source, *params.teacher.ensemble])}: "
+        f"{info['total_params']:,} params, {info['passes']} passes per input -> {paths.teacher}"
     )
-    tracker.log_metrics({"teacher.params": info["params"]})
-    tracker.set_tags({"teacher.architecture": info["architecture"]})
+    tracker.log_metrics({"teacher.params": info["total_params"]})
+    tracker.set_tags({"teacher.architecture": info["name"]})
     return info
 
 

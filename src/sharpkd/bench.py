@@ -75,7 +75,7 @@ def _teacher_target(device: str, tile: int, overlap: int) -> Target:
         raise UserError(f"--teacher: the teacher loader is not available ({exc})") from None
     teacher, info = load_teacher(TEACHER_DIR, device)
     teacher.eval()
-    name = info.get("architecture", "teacher")
+    name = info.get("name") or info.get("architecture", "teacher")
     return tiled_target(
         "teacher", teacher, int(info.get("scale", 4)), device, tile, overlap, f"{name}, tiled {tile}"
     )
@@ -258,7 +258,7 @@ def teacher_patch_throughput(lr_side: int, batch_size: int, batches: int = 3, de
 
     ms = time_ms(run, batches)
     return {
-        "teacher": info.get("architecture", "teacher"),
+        "teacher": info.get("name") or info.get("architecture", "teacher"),
         "lr_patch": lr_side,
         "batch_size": batch_size,
         "device": device,

@@ -97,10 +97,16 @@ class TeacherTrainParams:
     eval_every: int = field(metadata=_range(1, None))
 
 
+# The pretrained sources of teachers.TEACHER_SOURCES: what teacher.ensemble may list (fetched at data.scale).
+ENSEMBLE_SOURCES = ("swinir", "pan", "dctlsa")
+
+
 @dataclass(frozen=True)
 class TeacherParams:
     source: Literal["swinir", "checkpoint", "pan", "dctlsa", "train"]
     checkpoint: str
+    ensemble: tuple[str, ...]  # further pretrained teachers (ENSEMBLE_SOURCES) averaged with source's output
+    self_ensemble: bool  # each teacher on the 8 flips/rotations of the input, turned back, averaged
     feature_layers: tuple[str, ...]
     feature_channels: int = field(metadata=_range(0, 4096))
     train: TeacherTrainParams
@@ -389,8 +395,26 @@ def _check_relations(p: Params) -> None:
             raise ConfigError(f"params: '{key}' must be [low, high] with 0 <= low <= high, got [{lo}, {hi}]")
     if not 1 <= p.degradation.jpeg_quality[0] <= p.degradation.jpeg_quality[1] <= 100:
         raise ConfigError("params: 'degradation.jpeg_quality' values must be between 1 and 100")
+    _check_ensemble(p)
     _check_teacher_use(p)
     _check_folders(p)
+
+
+def _check_ensemble(p: Params) -> None:
+    ensemble, source = p.teacher.ensemble, p.teacher.source
+    for name in ensemble:
+        if name not in ENSEMBLE_SOURCES:
+            raise ConfigError(
+                f"params: 'teacher.ensemble' lists {name!r}: its members must be pretrained teachers, one of "
+                f"{', '.join(ENSEMBLE_SOURCES)} (train and checkpoint only as teacher.source)"
+            )
+    if source in ensemble:
+        raise ConfigError(
+            f"params: 'teacher.ensemble' lists {source!r}, which is teacher.source already: list only the "
+            "further teachers"
+        )
+    if len(set(ensemble)) != len(ensemble):
+        raise ConfigError(f"params: 'teacher.ensemble' lists a teacher twice: {list(ensemble)}")
 
 
 # What the stages write, relative to the repository root they run in (docs/architecture.md).

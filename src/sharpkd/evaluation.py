@@ -237,8 +237,9 @@ def model_facts(student, teacher_info: dict) -> dict:
     return {
         "student.params": count_params(student),
         "student.gmacs_1080p": round(conv_macs(student, *FRAME_1080P) / 1e9, 3),
-        "teacher.architecture": teacher_info.get("architecture"),
-        "teacher.params": teacher_info.get("params"),
+        # An ensemble's name ("DCTLSA + PAN (x8 self-ensemble)") and all its parameters: what was scored.
+        "teacher.architecture": teacher_info.get("name") or teacher_info.get("architecture"),
+        "teacher.params": teacher_info.get("total_params", teacher_info.get("params")),
     }
 
 

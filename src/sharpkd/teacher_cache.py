@@ -30,18 +30,23 @@ from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
 from sharpkd.images import save_image, to_image, to_tensor
 from sharpkd.inference import default_device, run_tiled, tiled_apply
-from sharpkd.models.teacher import load_teacher
+from sharpkd.models.teacher import load_teacher, named_teacher, teacher_name
 from sharpkd.progress import progress
 
 # A small probe input: the feature layers' channel count, and a check that they lie on the LR grid.
-PROBE_SIDE = 8
+# 16: DCTLSA reflect-pads its input to 16-pixel windows, which an 8-pixel side cannot give.
+PROBE_SIDE = 16
 
 
 class FeatureTap:
-    """Captures the outputs of named modules with forward hooks."""
+    """Captures the outputs of named modules of the named teacher with forward hooks.
+
+    In an ensemble (models.teacher.TeacherEnsemble) they are the named teacher's modules, and its plain
+    pass runs last of its passes, so what the hooks hold after a forward is its features of the input."""
 
     def __init__(self, model: torch.nn.Module, names: list[str]):
-        modules = dict(model.named_modules())
+        self.root = named_teacher(model)
+        modules = dict(self.root.named_modules())
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
         self.names = names
@@ -112,8 +117,9 @@ class TeacherRunner:
     (tiled_apply's output has as many channels as its input: the input carries empty ones for them.)
     """
 
-    def __init__(self, model, tap, scale: int, params: Params, device, amp: bool):
+    def __init__(self, model, tap, scale: int, params: Params, device, amp: bool, info: dict):
         self.model, self.tap, self.s = model, tap, scale
+        self.name, self.passes = teacher_name(info), info.get("passes", 1)
         self.tile, self.overlap = params.infer.tile, params.infer.overlap
         self.device, self.amp = device, amp
         self.proj: tuple[np.ndarray, np.ndarray] | None = None
@@ -125,9 +131,10 @@ class TeacherRunner:
         return self.tap.names if self.tap is not None else []
 
     def raw_features(self, batch: np.ndarray) -> torch.Tensor:
-        """Unprojected features of a batch of equal LR crops (B,h,w,3) uint8, untiled (for the PCA fit)."""
+        """Unprojected features of a batch of equal LR crops (B,h,w,3) uint8, untiled (for the PCA fit):
+        the named teacher alone runs, not a whole ensemble."""
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            self.model(to_tensor(batch).to(self.device))
+            self.tap.root(to_tensor(batch).to(self.device))
         return self.tap.features().float().cpu()
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +186,9 @@ def make_runner(teacher: Teacher, params: Params, with_features: bool) -> Teache
     """
     layers = list(params.teacher.feature_layers) or list(teacher.info.get("feature_layers") or [])
     tap = FeatureTap(teacher.model, layers) if (layers and with_features) else None
-    runner = TeacherRunner(teacher.model, tap, teacher.scale, params, teacher.device, teacher.amp)
+    runner = TeacherRunner(
+        teacher.model, tap, teacher.scale, params, teacher.device, teacher.amp, teacher.info
+    )
     if tap is not None:
         probe = runner.raw_features(np.zeros((1, PROBE_SIDE, PROBE_SIDE, 3), np.uint8))
         if probe.shape[-2:] != (PROBE_SIDE, PROBE_SIDE):
@@ -218,7 +227,8 @@ def check_cache_size(
     size = sum(sizes.values())
     counts = {kind: len(images) for kind, images in pools.items()}
     print(
-        f"[cache_teacher] {counts.get('train', 0)} training images, "
+        f"[cache_teacher] {runner.name}, {runner.passes} teacher passes per tile; "
+        f"{counts.get('train', 0)} training images, "
         f"{counts.get('teacher_only', 0)} teacher-only inputs, "
         f"features {runner.full_channels}->{runner.channels} ch: estimated cache {size / 1e9:.3f} GB"
     )
@@ -340,9 +350,19 @@ def cache_validation(tmp: Path, pairs_dir: Path, teacher: Teacher, params: Param
 def cache_summary(
     teacher: Teacher, runner: TeacherRunner, training: TrainingCache, valid: ValidOutputs, size: int
 ) -> dict:
-    """cache.json: what was cached, how fast, how large; distill and evaluate read it."""
+    """cache.json: what was cached, how fast, how large; distill and evaluate read it. `teacher`: which
+    teacher(s) made it, so distill's cache identity (a resumed checkpoint's) changes with the ensemble."""
+    info = teacher.info
     return {
         "complete": True,
+        "teacher": {
+            "name": teacher_name(info),
+            "self_ensemble": bool(info.get("self_ensemble")),
+            "members": [
+                {"source": m["source"], "sha256": m["sha256"]} for m in [info, *info.get("members", [])]
+            ],
+            "passes": info.get("passes", 1),
+        },
         "train": bool(training.pools),
         "train_images": training.pools.get("train", {}).get("images", 0),
         "teacher_only_images": training.pools.get("teacher_only", {}).get("images", 0),

@@ -6,6 +6,9 @@ pan         the official PAN weights, our PAN architecture (models/pan.py)
 dctlsa      the official DCTLSA weights (a lightweight local self-attention model), loaded by spandrel
 train       an EDSR-style CNN trained from scratch on data/pairs through the one training loop
 
+teacher.ensemble names further pretrained sources (swinir, pan, dctlsa: config.ENSEMBLE_SOURCES)
+whose teachers are averaged with teacher.source's (`obtain_members`).
+
 The teacher stage saves what a source returns as models/teacher/; models/teacher.py loads it back
 (its TEACHER_LOADERS table keys on teacher.json's "loader", which each source names). Kept out of
 models/ because obtaining a teacher downloads, verifies and trains: models/teacher.py, which the
@@ -120,3 +123,8 @@ TEACHER_SOURCES: dict[str, Callable[[Params, Path, object], ObtainedTeacher]] = 
 def obtain_teacher(params: Params, pairs: Path, tracker) -> ObtainedTeacher:
     """The teacher teacher.source names, on the CPU; `tracker` gets a trained teacher's metrics."""
     return TEACHER_SOURCES[params.teacher.source](params, pairs, tracker)
+
+
+def obtain_members(params: Params, pairs: Path, tracker) -> list[tuple[str, ObtainedTeacher]]:
+    """(source, teacher) of each further teacher teacher.ensemble names, on the CPU, at data.scale."""
+    return [(source, TEACHER_SOURCES[source](params, pairs, tracker)) for source in params.teacher.ensemble]
