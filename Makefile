@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: run test test-fast lint bench ui reference results domain domain-results experiments sweep \
-	sweep-results clean-venv
+	sweep-results speed speed-results teachers teachers-results clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,17 @@ sweep: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/sweep.yaml
 	$(MAKE) sweep-results
 
+# Which teacher (issue 26): DCTLSA and the DCTLSA + PAN ensemble against the reference's arms.
+teachers: $(VENV)/.installed
+	$(SHARPKD) profile run profiles/teachers.yaml
+	$(MAKE) teachers-results
+
+# The speed students (issue 26): the best at or under 60 and 33 ms per 1080p frame in INT8, beside the
+# published models of their size.
+speed: $(VENV)/.installed
+	$(SHARPKD) profile run profiles/speed.yaml
+	$(MAKE) speed-results
+
 # The reference and domain arms at once (over three hours on a 2-core CPU), then both tables.
 experiments: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/reference.yaml profiles/domain.yaml --jobs 4
@@ -75,6 +86,13 @@ domain-results: $(VENV)/.installed
 
 sweep-results: $(VENV)/.installed
 	$(PY) scripts/sweep_table.py --profile profiles/sweep.yaml --doc $(RESULTS)
+
+speed-results: $(VENV)/.installed
+	$(PY) scripts/sweep_table.py --profile profiles/speed.yaml --doc $(RESULTS) --block speed \
+		--plot docs/speed.png --published
+
+teachers-results: $(VENV)/.installed
+	$(PY) scripts/results_table.py --profile profiles/teachers.yaml --doc $(RESULTS) --block teachers
 
 ui: $(VENV)/.installed
 	$(BIN)/sharpkd ui

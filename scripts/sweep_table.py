@@ -1,13 +1,15 @@
 """The README's student-size sweep: Set5 PSNR against ms per 1080p frame, float32 and INT8 (never typed by hand).
 
-Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--profile profiles/sweep.yaml] [--doc docs/results.md] [--plot docs/sweep.png]
+Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--profile profiles/sweep.yaml] [--doc docs/results.md] [--block sweep] [--plot docs/sweep.png] [--published]
 
 Quality comes from each DVC experiment's metrics (metrics/eval.json: Set5.student.psnr; metrics/export.json:
 int8.Set5.psnr_int8). Speed is measured here, side by side in one run on an otherwise idle machine, for each
 architecture in the sweep (a rep student folds into the plain network of the same width and depth, so speed
 depends on width and depth only): ONNX Runtime on the CPU, `--threads` threads, float32 and INT8, median
 of `--repeats` after warm-up, one session alive at a time. With --doc the table replaces what stands
-between the `<!-- sweep:start -->` and `<!-- sweep:end -->` markers.
+between the `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` markers (--block, default sweep). With
+--published a second table sets the students beside the published models of their size
+(sharpkd.report.PUBLISHED_STUDENTS, with their sources; not re-measured here).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-START, END = "<!-- sweep:start -->", "<!-- sweep:end -->"
 QUALITY_SET = "Set5"
+
+
+def markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
 
 
 def sweep_experiments(names: list[str], prefix: str) -> dict[str, dict]:
@@ -145,6 +150,33 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
     return "\n".join(lines)
 
 
+def render_published(rows: list[dict]) -> str:
+    """Our students (the INT8 ms measured above) and the published models, by parameter count."""
+    from sharpkd.report import PUBLISHED_STUDENTS
+
+    def f(v, d):
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    entries = [
+        (r["params"] or 0, f"ours: `{r['experiment']}` ({r['block']} {r['size'][0]} x {r['size'][1]})",
+         r["psnr_fp32"], r["psnr_int8"], r["ms_int8"], "this repository")
+        for r in rows
+    ] + [(p, name, psnr, int8, ms, src) for name, (p, psnr, int8, ms, src) in PUBLISHED_STUDENTS.items()]  # fmt: skip
+    lines = [
+        f"| model | params | {QUALITY_SET} PSNR | INT8 {QUALITY_SET} PSNR | ms / 1080p frame | source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for params, name, psnr, int8, ms, src in sorted(entries, key=lambda e: e[0]):
+        lines.append(f"| {name} | {int(params):,} | {f(psnr, 2)} | {f(int8, 2)} | {f(ms, 0)} | {src} |")
+    lines += [
+        "",
+        "Ours: ms in INT8, measured above. Published: Set5 as issue 26 measured it from the public checkpoints",
+        "(Y, border 4), INT8 after a plain static quantisation where measured; FSRCNN's ms is OpenCV's float32",
+        "model on this CPU; n/a: not measured (their checkpoints are not on these machines).",
+    ]
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -169,12 +201,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def replace_block(text: str, block: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"error: README has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}\n{END}{tail}"
+def replace_block(text: str, block: str, name: str = "sweep") -> str:
+    start, end = markers(name)
+    if start not in text or end not in text:
+        raise SystemExit(f"error: the document has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block}\n{end}{tail}"
 
 
 def main() -> int:
@@ -185,7 +218,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", type=Path, help="the experiments of this profile's `table` (else its arms)")
     ap.add_argument("--doc", type=Path, help="write the table and the plot's link into this file")
+    ap.add_argument("--block", default="sweep", help="the markers' name in --doc")
     ap.add_argument("--plot", type=Path, default=Path("docs/sweep.png"))
+    ap.add_argument("--published", action="store_true", help="add the table against published models")
     args = ap.parse_args()
 
     from sharpkd.files import write_text
@@ -203,12 +238,14 @@ def main() -> int:
     speeds = {size: measure(scale, *size, args.threads, args.repeats) for size in sizes}
     rows = build_rows(exps, speeds)
     table = render(rows, args.threads, cpu_name())
+    if args.published:
+        table += "\n\n" + render_published(rows)
     print(table)
     plot(rows, args.plot)
     if args.doc:
         link = Path(os.path.relpath(args.plot, args.doc.parent)).as_posix()
         block = f"{table}\n\n![quality against speed]({link})"
-        write_text(args.doc, replace_block(args.doc.read_text(), block))
+        write_text(args.doc, replace_block(args.doc.read_text(), block, args.block))
         print(f"wrote the table into {args.doc}, the plot to {args.plot}")
     return 0
 

@@ -55,3 +55,28 @@ def test_speed_is_measured_for_real():
         f"speed.student.onnxruntime_cpu{p}.1080p.{f}" for p in ("", "_int8") for f in ("ms", "fps")
     }
     assert all(v > 0 for v in figures.values())
+
+
+def test_published_table_sets_our_students_beside_the_published_ones():
+    from sharpkd.report import PUBLISHED_STUDENTS
+
+    rows = [
+        {"experiment": "speed-rep-48x5", "block": "rep", "size": (48, 5), "params": 145_488.0,
+         "psnr_fp32": 31.41, "psnr_int8": 31.40, "ms_fp32": 190.0, "ms_int8": 55.4},
+    ]  # fmt: skip
+    table = sweep_table.render_published(rows)
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(lines) == 1 + len(PUBLISHED_STUDENTS)
+    params = [int(line.split("|")[2].strip().replace(",", "")) for line in lines]
+    assert params == sorted(params)  # by size
+    ours = next(line for line in lines if "speed-rep-48x5" in line)
+    assert "| 145,488 | 31.41 | 31.40 | 55 | this repository |" in ours
+    assert "| PlainUSR-T | 60,100 | 31.20 | 30.65 | n/a |" in table
+
+
+def test_blocks_are_found_by_name():
+    doc = "a\n<!-- speed:start -->\nold\n<!-- speed:end -->\nb\n<!-- sweep:start -->\nkeep\n<!-- sweep:end -->\n"
+    new = sweep_table.replace_block(doc, "NEW", "speed")
+    assert "NEW" in new and "old" not in new and "keep" in new
+    with pytest.raises(SystemExit, match="teachers:start"):
+        sweep_table.replace_block(doc, "NEW", "teachers")

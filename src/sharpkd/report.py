@@ -22,6 +22,18 @@ PUBLISHED_X4 = {
     "Set14": {"bicubic": (26.00, 0.7027), "SwinIR-M": (28.94, 0.7914)},
 }
 
+# Published plain-conv and efficient SR models near our students' size, Set5 x4 (Y, border 4), as issue 26
+# measured them from their public checkpoints with this project's convention: (params, Set5 PSNR, Set5 PSNR
+# after a plain static INT8 quantisation or None where not measured, ms per 1080p frame on this repo's CPU
+# or None where not measured, source). None of their checkpoints is on these machines: nothing is re-measured.
+PUBLISHED_STUDENTS = {
+    "FSRCNN (OpenCV dnn_superres, float32)": (12_464, 30.71, None, 115, "Dong et al., ECCV 2016"),
+    "PlainUSR-T": (60_100, 31.20, 30.65, None, "Wang et al., PlainUSR, ACCV 2024"),
+    "PlainUSR-S": (68_612, 31.56, None, None, "Wang et al., PlainUSR, ACCV 2024"),
+    "DSCLoRA": (130_828, 31.75, None, None, "NTIRE 2025 efficient SR challenge, 1st"),
+    "PlainUSR-M": (165_492, 31.79, None, None, "Wang et al., PlainUSR, ACCV 2024"),
+}
+
 
 # Text drawn as given: a file name such as `$5_and_$10.png` is not mathtext (which would fail on it after all
 # the scoring), nor LaTeX where a user's matplotlibrc sets text.usetex.
