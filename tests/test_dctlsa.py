@@ -48,6 +48,7 @@ def test_build_teacher_dctlsa_then_cache(tmp_path):
     assert info["architecture"] == "DCTLSA" and info["loader"] == "spandrel" and info["scale"] == 2
     assert info["sha256"] == file_digest(path) == fetch.PRETRAINED["dctlsa_x2"]["sha256"]
     assert "zengkun301/DCTLSA" in info["origin"]
+    assert info["feature_layers"] == ["LR_conv"]  # the default tap for feature KD
 
     model, saved = load_teacher(tmp_path / "teacher")
     assert saved == json.loads((tmp_path / "teacher" / "teacher.json").read_text())

@@ -32,6 +32,7 @@ DEFAULT_FEATURE_LAYERS = {
     "SwinIR": ("conv_after_body",),
     "HAT": ("conv_after_body",),
     "PAN": PAN_FEATURE_LAYERS,
+    "DCTLSA": ("LR_conv",),  # 55 channels, the conv closing the body before the upsampler
 }
 
 
