@@ -625,6 +625,7 @@ def test_ema_is_what_is_validated_and_kept_and_survives_a_resume(tmp_path):
     rows = [r for r in ref.curve if "val_psnr" in r]
     assert len(rows) == 4 and all("val_raw_psnr" in r for r in rows)
     assert any(r["val_psnr"] != r["val_raw_psnr"] for r in rows)
+    assert ref.best_metrics["raw_psnr"] == next(r["val_raw_psnr"] for r in rows if r["step"] == ref.best_step)
     if ref.best_step == 8:  # what is kept at the end is the average, not the raw weights
         raw_end = obj.state_dict()
         assert any(not torch.equal(ref.best_state[k], v) for k, v in raw_end.items() if v.is_floating_point())

@@ -204,6 +204,8 @@ def _deployed(
         "best_step": result.best_step,
         "val_psnr": result.best_metrics.get("psnr"),
         "val_ssim": result.best_metrics.get("ssim"),
+        # With distill.ema: the raw weights' PSNR at the same validation (null without an average).
+        "val_raw_psnr": result.best_metrics.get("raw_psnr"),
         "last_val_psnr": result.last_metrics.get("psnr"),
         "seconds": round(result.seconds, 2),
         **speed_fields(result, 3),

@@ -198,14 +198,14 @@ class TrainState:
         with torch.no_grad():
             raw = evaluate() if average is not None else {}
             with average.swapped_in(objective) if average is not None else contextlib.nullcontext():
-                metrics = evaluate()
+                metrics = evaluate() | {f"raw_{k}": v for k, v in raw.items()}
                 if not self.best or metrics.get("psnr", -math.inf) > self.best.get("psnr", -math.inf):
                     self.best, self.best_step = dict(metrics), step
                     self.best_state = {
                         k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()
                     }
         objective.train()
-        return {**metrics, **{f"raw_{k}": v for k, v in raw.items()}}
+        return metrics
 
 
 class WeightAverage:
