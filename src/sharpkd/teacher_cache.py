@@ -359,7 +359,9 @@ def cache_summary(
             "name": teacher_name(info),
             "self_ensemble": bool(info.get("self_ensemble")),
             "members": [
-                {"source": m["source"], "sha256": m["sha256"]} for m in [info, *info.get("members", [])]
+                # .get: a teacher.json written by other tools may lack them (recorded as null)
+                {"source": m.get("source"), "sha256": m.get("sha256")}
+                for m in [info, *info.get("members", [])]
             ],
             "passes": info.get("passes", 1),
         },
