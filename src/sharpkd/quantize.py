@@ -47,7 +47,7 @@ from sharpkd.errors import UserError
 from sharpkd.evaluation import SetResult, eval_sets, method_means, model_method, score_set
 from sharpkd.files import atomic_path
 from sharpkd.metrics import QualityMetrics, min_side
-from sharpkd.runtime import SCALE_KEY, OnnxFunction, ort_session
+from sharpkd.runtime import OnnxFunction, ort_session
 
 # Op types handed to the quantiser: Relu is listed so that it folds into the conv's output range.
 OP_TYPES_TO_QUANTIZE = ("Conv", "Relu")
@@ -262,96 +262,6 @@ def rearrange_in_uint8(model) -> list[str]:
     return sorted(moved, key=["Pad", "SpaceToDepth", "DepthToSpace", "Slice"].index)
 
 
-# The 8-bit image grid: the student's input is an 8-bit image and its output is written as one.
-IMAGE_SCALE = np.float32(1 / 255)
-
-
-def residual_on_image_grid(model, scale: int) -> bool:
-    """Add the global residual on the LR grid in uint8 and output the 8-bit image (uint8, 1/255 a step).
-
-    pixel_shuffle(tail) + x equals DepthToSpace(tail + SpaceToDepth(x)), and SpaceToDepth of the
-    (padded, quantised) input is already computed for the head. So the tail's uint8 output and it are
-    added by one QLinearAdd on the LR grid, then rearranged and cropped in uint8; no float32 tensor of
-    the full frame is left (its DequantizeLinear and Add were about a fifth of an INT8 frame). The
-    input is quantised on the 8-bit grid (exact for 8-bit images; the calibrated range was [0, 1]
-    anyway) and the sum is rounded to it, clipped to [0, 1]: what writing the image does. ONNX's
-    SpaceToDepth orders channels (i*s+j)*3+c (DCR), pixel_shuffle c*s*s+i*s+j (CRD): the tail's output
-    channels are permuted and its DepthToSpace becomes DCR. Returns whether the pattern was found.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    graph = model.graph
-    nodes = list(graph.node)
-    producer = {out: n for n in nodes for out in n.output}
-    inits = {i.name: i for i in graph.initializer}
-    source, result = graph.input[0].name, graph.output[0].name
-    add = next((n for n in nodes if n.op_type == "Add" and n.output[0] == result and source in n.input), None)
-    if add is None:
-        return False
-    # residual: DequantizeLinear <- crops <- DepthToSpace(CRD) <- QuantizeLinear(tail conv)
-    dq = producer.get(next(i for i in add.input if i != source))
-    crops, node = (
-        [],
-        producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None,
-    )
-    while node is not None and node.op_type == "Slice":
-        crops.append(node)
-        node = producer.get(node.input[0])
-    d2s = node
-    if d2s is None or d2s.op_type != "DepthToSpace" or _attrs(d2s).get("mode", b"DCR") not in (b"CRD", "CRD"):
-        return False
-    tail_q = producer.get(d2s.input[0])
-    tail = producer.get(tail_q.input[0]) if tail_q is not None else None
-    s2d = next((n for n in nodes if n.op_type == "SpaceToDepth"), None)
-    input_q = next((n for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] == source), None)
-    if tail is None or tail.op_type != "Conv" or s2d is None or input_q is None:
-        return False
-    for name, value in ((input_q.input[1], IMAGE_SCALE), (input_q.input[2], np.uint8(0))):
-        inits[name].CopyFrom(numpy_helper.from_array(np.array(value), name))
-    # Output channel n = k*3 + c (DCR) is the tail's channel c*s*s + k (CRD).
-    order = np.array([c * scale * scale + k for k in range(scale * scale) for c in range(3)])
-    for dq_name in tail.input[1:]:
-        for name in producer[dq_name].input:
-            a = numpy_helper.to_array(inits[name])
-            if a.ndim and a.shape[0] == len(order):
-                inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a[order]), name))
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(IMAGE_SCALE), "image_scale"),
-            numpy_helper.from_array(np.array(np.uint8(0)), "image_zero_point"),
-        ]
-    )
-    summed = f"{tail_q.output[0]}_plus_input"
-    qadd = onnx.helper.make_node(
-        "QLinearAdd",
-        [
-            tail_q.output[0],
-            *tail_q.input[1:],
-            s2d.output[0],
-            *input_q.input[1:],
-            "image_scale",
-            "image_zero_point",
-        ],
-        [summed],
-        domain="com.microsoft",
-    )
-    graph.node.insert(list(graph.node).index(d2s), qadd)
-    d2s.input[0] = summed
-    del d2s.attribute[:]
-    d2s.attribute.extend(
-        [onnx.helper.make_attribute("blocksize", scale), onnx.helper.make_attribute("mode", "DCR")]
-    )
-    last = crops[0] if crops else d2s  # crops were collected from the output backwards
-    last.output[0] = result
-    graph.node.remove(add)
-    graph.node.remove(dq)
-    graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return True
-
-
 def quantize_student(
     fp32_onnx: str | Path,
     out_path: str | Path,
@@ -403,7 +313,6 @@ def quantize_student(
             )
             quantized = onnx.load(str(tmp))
             uint8_ops = rearrange_in_uint8(quantized)
-            image_grid = residual_on_image_grid(quantized, int(metadata.get(SCALE_KEY, 0)))
             ops = integer_ops(quantized)
             if not ops.get("Conv"):  # raised inside the block: nothing is written
                 raise UserError(f"{fp32_onnx}: quantisation left no Conv in int8; is it a sharpkd student?")
@@ -432,7 +341,6 @@ def quantize_student(
         "quantized_ops": ops,
         "head": "SpaceToDepth + 3x3 conv" if head_regrouped else "as exported",
         "uint8_rearrangements": uint8_ops,
-        "residual": "uint8 on the LR grid, 8-bit image out" if image_grid else "float32 at full size",
     }
 
 

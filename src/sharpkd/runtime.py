@@ -95,8 +95,7 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int = 0):
 
 
 class OnnxFunction:
-    """An ONNX Runtime session as a tensor -> tensor function (float16 models are cast at the boundary;
-    an 8-bit image output, the INT8 model's, is brought back to [0, 1])."""
+    """An ONNX Runtime session as a tensor -> tensor function (float16 models are cast at the boundary)."""
 
     def __init__(self, session):
         self.session = session
@@ -112,8 +111,6 @@ class OnnxFunction:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().cpu().numpy().astype(self.dtype, copy=False)
         out = self.session.run(None, {self.input_name: arr})[0]
-        if out.dtype == np.uint8:  # one numpy pass (a torch cast then multiply took 20x as long here)
-            return torch.from_numpy(np.multiply(out, np.float32(1 / 255), dtype=np.float32))
         return torch.from_numpy(out.astype(np.float32, copy=False))
 
 
