@@ -23,10 +23,6 @@ from pathlib import Path
 QUALITY_SET = "Set5"
 
 
-def markers(block: str) -> tuple[str, str]:
-    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
-
-
 def sweep_experiments(names: list[str], prefix: str) -> dict[str, dict]:
     """name -> flat params + metrics of each named experiment (or of every experiment whose name has `prefix`)."""
     import dvc.api
@@ -202,12 +198,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def replace_block(text: str, block: str, name: str = "sweep") -> str:
-    start, end = markers(name)
-    if start not in text or end not in text:
-        raise SystemExit(f"error: the document has no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{block}\n{end}{tail}"
+    """`text` with `block` between the `name` markers (results_table's, one way of doing it)."""
+    from results_table import replace_block as replace  # scripts/ is on sys.path: the script's folder
+
+    return replace(text, block, name)
 
 
 def main() -> int:
