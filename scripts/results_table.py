@@ -3,7 +3,7 @@
 Usage: python scripts/results_table.py NAME=LABEL [NAME=LABEL ...] [--profile profiles/X.yaml] [--doc docs/results.md] [--block results]
 
 Each NAME is a DVC experiment (an arm: e.g. ref-baseline, ref-distill, ref-upcycle from `make reference`),
-LABEL what the row calls it. Rows: bicubic, the teacher, then the student of every arm; columns:
+LABEL what the row calls it. Rows: bicubic, each distinct teacher, then the student of every arm; columns:
 PSNR / SSIM / LPIPS (null -> n/a) per evaluated set (extra sets such as Set5 or Manga109 first, the
 validation split last; an arm without a set shows n/a), parameters, ms per 1080p frame (eval.json's
 `speed.<method>.<runtime>_<device>.1080p.ms`). Below the
@@ -141,11 +141,14 @@ def build_table(arms: list[tuple[str, str, dict]], defaults: dict | None = None)
     metrics = [m for _, _, m in arms]
     sets = sets_of(metrics)
     first = metrics[0]
-    with_teacher = next((m for m in metrics if any(_num(m.get(f"{s}.teacher.psnr")) for s in sets)), first)
-    teacher = with_teacher.get("teacher.architecture") or "teacher"
+    # A row per distinct teacher (the arms of the teachers profile learn from different ones).
+    teachers: dict[str, dict] = {}
+    for m in metrics:
+        if any(_num(m.get(f"{s}.teacher.psnr")) for s in sets):
+            teachers.setdefault(m.get("teacher.architecture") or "teacher", m)
     rows = [
         ("bicubic (the degraded input)", first, "bicubic"),
-        (f"teacher ({teacher})", with_teacher, "teacher"),
+        *((f"teacher ({name})", m, "teacher") for name, m in (teachers or {"teacher": first}).items()),
         *((f"student, {label} (`{name}`)", m, "student") for name, label, m in arms),
     ]
     header = ["method"] + [f"{s} PSNR / SSIM / LPIPS" for s in sets] + ["params", "ms / 1080p frame"]

@@ -94,6 +94,23 @@ def test_a_row_per_arm_and_gains_against_the_first(table):
     assert text.endswith("ms on cpu: AMD EPYC, 1 torch threads.")
 
 
+def test_a_teacher_row_per_distinct_teacher(table):
+    """The teachers profile's arms learn from different teachers: each gets its row, in the arms' order."""
+    arms = [
+        ("base", "no teacher", _arm(31.18, **{"distill.teacher": False})),
+        ("dctlsa", "DCTLSA", _arm(31.37, **{"teacher.architecture": "DCTLSA", "Set5.teacher.psnr": 32.53})),
+        ("dctlsa-2", "DCTLSA again", _arm(31.30, **{"teacher.architecture": "DCTLSA", "Set5.teacher.psnr": 32.53})),
+        ("mix", "both", _arm(31.40, **{"teacher.architecture": "DCTLSA + PAN", "Set5.teacher.psnr": 32.60})),
+    ]
+    lines = [line for line in table.build_table(arms).splitlines() if line.startswith("| teacher")]
+    assert [line.split("|")[1].strip() for line in lines] == [
+        "teacher (PAN)",
+        "teacher (DCTLSA)",
+        "teacher (DCTLSA + PAN)",
+    ]
+    assert "| 32.60 / 0.8900 / n/a" in lines[2]
+
+
 def test_columns_prefer_eval_json_where_files_share_a_key(table):
     """eval.json and export.json both time the student in torch on the CPU: the table shows evaluate's."""
     for order in (1, -1):
