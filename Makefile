@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: run test test-fast lint bench ui reference results domain domain-results experiments sweep \
-	sweep-results speed speed-results teachers teachers-results clean-venv
+	sweep-results speed speed-results teachers teachers-results recipe recipe-results clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ speed: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/speed.yaml
 	$(MAKE) speed-results
 
+# Recipe levers (issue 26), each against its control at equal compute.
+recipe: $(VENV)/.installed
+	$(SHARPKD) profile run profiles/recipe.yaml
+	$(MAKE) recipe-results
+
 # The reference and domain arms at once (over three hours on a 2-core CPU), then both tables.
 experiments: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/reference.yaml profiles/domain.yaml --jobs 4
@@ -93,6 +98,9 @@ speed-results: $(VENV)/.installed
 
 teachers-results: $(VENV)/.installed
 	$(PY) scripts/results_table.py --profile profiles/teachers.yaml --doc $(RESULTS) --block teachers
+
+recipe-results: $(VENV)/.installed
+	$(PY) scripts/results_table.py --profile profiles/recipe.yaml --doc $(RESULTS) --block recipe
 
 ui: $(VENV)/.installed
 	$(BIN)/sharpkd ui

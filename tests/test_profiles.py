@@ -7,6 +7,7 @@ experiment targets only name profiles.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 
@@ -52,6 +53,25 @@ def test_reference_and_domain_arms_at_equal_compute():
     assert arms["ref-upcycle-rep64x5"].data.teacher_only.upcycle == ("zoom_out",)
     assert arms["ref-upcycle-rep64x5"].distill.teacher_only_fraction == 0.1
     assert arms["dom-manga-rep64x5"].data.teacher_only.folder.endswith("Manga109/unlabeled_x4")
+
+
+def test_teacher_speed_and_recipe_arms_at_the_reference_budget():
+    """Issue 26's arms are compared with the reference's: same data, steps, batch and threads; a recipe arm
+    differs from its control (the speed profile's 32 x 4) in its one lever only."""
+    arms = {
+        name: p
+        for profile in ("teachers", "speed", "recipe")
+        for name, p in validate(_profile(profile), REPO / "params.yaml").items()
+    }
+    for name, p in arms.items():
+        assert set(p.eval.sets) == {"Set5", "Manga109"}, name
+        assert (p.distill.steps, p.distill.batch_size, p.compute.threads) == (24000, 32, 1), name
+        assert p.data.folder.train == arms["ref-dctlsa-ema-rep64x5"].data.folder.train, name
+    control, lever = arms["speed-rep-32x4"], arms["recipe-kd2-rep32x4"]
+    assert lever.loss.kd == 2.0 and control.loss.kd == 1.0
+    assert dataclasses.replace(lever, loss=control.loss) == control
+    assert arms["ref-ensemble-ema-rep64x5"].teacher.ensemble == ("pan",)
+    assert arms["ref-pan-x8-ema-rep64x5"].teacher.self_ensemble
 
 
 def test_sweep_arms_are_set_as_named():
