@@ -99,7 +99,11 @@ def test_a_teacher_row_per_distinct_teacher(table):
     arms = [
         ("base", "no teacher", _arm(31.18, **{"distill.teacher": False})),
         ("dctlsa", "DCTLSA", _arm(31.37, **{"teacher.architecture": "DCTLSA", "Set5.teacher.psnr": 32.53})),
-        ("dctlsa-2", "DCTLSA again", _arm(31.30, **{"teacher.architecture": "DCTLSA", "Set5.teacher.psnr": 32.53})),
+        (
+            "dctlsa-2",
+            "DCTLSA again",
+            _arm(31.30, **{"teacher.architecture": "DCTLSA", "Set5.teacher.psnr": 32.53}),
+        ),
         ("mix", "both", _arm(31.40, **{"teacher.architecture": "DCTLSA + PAN", "Set5.teacher.psnr": 32.60})),
     ]
     lines = [line for line in table.build_table(arms).splitlines() if line.startswith("| teacher")]
