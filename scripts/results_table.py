@@ -166,13 +166,21 @@ def build_table(arms: list[tuple[str, str, dict]], defaults: dict | None = None)
     base_name = arms[0][0]
     lines.append("")
     if len(arms) > 1:
-        lines.append(f"Student PSNR against `{base_name}`:")
+        # Against a no-teacher first arm, a gain is also given as its share of the arm's teacher's lead.
+        untaught = str(first.get("distill.teacher")).lower() == "false"
+        share_of = " (in brackets: the share of the arm's teacher's lead over it)" if untaught else ""
+        lines.append(f"Student PSNR against `{base_name}`{share_of}:")
         lines.append("")
         for name, _, m in arms[1:]:
             gains = []
             for s in sets:
                 a, b = _num(m.get(f"{s}.student.psnr")), _num(first.get(f"{s}.student.psnr"))
-                gains.append(f"{a - b:+.2f} dB on {s}" if a is not None and b is not None else f"n/a on {s}")
+                t = _num(m.get(f"{s}.teacher.psnr"))
+                if a is None or b is None:
+                    gains.append(f"n/a on {s}")
+                    continue
+                share = f" ({(a - b) / (t - b):.0%})" if untaught and t is not None and t > b else ""
+                gains.append(f"{a - b:+.2f} dB{share} on {s}")
             lines.append(f"- `{name}`: {', '.join(gains)}")
         lines.append("")
     times = [(name, _num(m.get("seconds")), _num(m.get("steps"))) for name, _, m in arms]

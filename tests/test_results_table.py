@@ -78,8 +78,10 @@ def test_a_row_per_arm_and_gains_against_the_first(table):
         x for x in lines if x.startswith("| bicubic")
     )
     assert "| teacher (PAN) | n/a / n/a / n/a | 32.14 / 0.8900 / n/a" in text
-    assert "- `ref-distill`: n/a on Manga109, +0.06 dB on Set5, +0.06 dB on valid" in text
-    assert "- `ref-upcycle`: n/a on Manga109, +0.24 dB on Set5" in text
+    # Against a no-teacher first arm: the gain's share of the teacher's lead, (31.02 - 30.96) / (32.14 - 30.96)
+    assert "Student PSNR against `ref-baseline` (in brackets: the share of the arm's teacher's lead" in text
+    assert "- `ref-distill`: n/a on Manga109, +0.06 dB (5%) on Set5, +0.06 dB (14%) on valid" in text
+    assert "- `ref-upcycle`: n/a on Manga109, +0.24 dB (20%) on Set5" in text
     assert (
         "Training time: 50 min (`ref-baseline`), 50 min (`ref-distill`), 50 min (`ref-upcycle`); 24,000 steps"
         in text
@@ -113,6 +115,13 @@ def test_a_teacher_row_per_distinct_teacher(table):
         "teacher (DCTLSA + PAN)",
     ]
     assert "| 32.60 / 0.8900 / n/a" in lines[2]
+
+
+def test_no_share_of_the_lead_against_a_taught_first_arm(table):
+    """A recipe table's control is distilled: its gains are plain differences."""
+    text = table.build_table([("control", "PAN", _arm(31.09)), ("lever", "kd 2", _arm(31.07))])
+    assert "Student PSNR against `control`:" in text
+    assert "- `lever`: -0.02 dB on Set5, -0.02 dB on valid" in text
 
 
 def test_columns_prefer_eval_json_where_files_share_a_key(table):
@@ -171,7 +180,12 @@ def test_param_changes_read_exp_show_column_types(table):
 def test_arms_and_labels_come_from_the_profile(table):
     """`make results` / `make domain-results` name a profile: its `table`, else its own arms and labels."""
     domain = table.profile_arms(REPO / "profiles" / "domain.yaml")
-    assert [n for n, _ in domain] == ["ref-baseline-rep64x5", "ref-distill-rep64x5", "dom-manga-rep64x5"]
+    assert [n for n, _ in domain] == [
+        "ref-baseline-rep64x5",
+        "ref-distill-rep64x5",
+        "dom-manga-rep64x5",
+        "dom-manga-ema-f80-rep64x5",
+    ]
     assert domain[0][1] == "photographs only, no teacher"
     reference = dict(table.profile_arms(REPO / "profiles" / "reference.yaml"))
     assert reference["ref-baseline-rep64x5"] == "HR only, no teacher" and len(reference) == 4
