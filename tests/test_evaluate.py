@@ -112,7 +112,8 @@ def test_evaluate_writes_everything(pipeline, tmp_path, offline_lpips):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     student, teacher = f"speed.student.torch_{dev}.1080p", f"speed.teacher.torch_{dev}.1080p"
     assert ev[f"{student}.ms"] > 0 and ev[f"{teacher}.ms"] > 0 and ev["speed.bicubic.resize_cpu.1080p.ms"] > 0
-    assert ev[f"{student}.fps"] == pytest.approx(1000 / ev[f"{student}.ms"], rel=0.01)
+    # fps is stored to 2 decimals: on a loaded machine (a few seconds a frame) that is more than 1%
+    assert ev[f"{student}.fps"] == pytest.approx(1000 / ev[f"{student}.ms"], rel=0.01, abs=0.005)
     assert ev["speedup"] == pytest.approx(ev[f"{teacher}.ms"] / ev[f"{student}.ms"], rel=0.01)
     assert ev["timing.device"].startswith(("cpu: ", "cuda: ")) and ev["timing.torch_threads"] >= 1
     assert not [k for k in ev if "ms_1080p" in k]  # every speed figure under the one key scheme
