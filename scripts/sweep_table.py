@@ -1,6 +1,6 @@
 """The README's student-size sweep: Set5 PSNR against ms per 1080p frame, float32 and INT8 (never typed by hand).
 
-Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--profile profiles/sweep.yaml] [--doc docs/results.md] [--block sweep] [--plot docs/sweep.png] [--published]
+Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--profile profiles/sweep.yaml] [--doc docs/results.md] [--block sweep] [--plot docs/sweep.png] [--published] [--sizes 64x5,32x4] [--profile-ops] [--out metrics/speeds.json]
 
 Quality comes from each DVC experiment's metrics (metrics/eval.json: Set5.student.psnr; metrics/export.json:
 int8.Set5.psnr_int8). Speed is measured here, side by side in one run on an otherwise idle machine, for each
@@ -9,7 +9,9 @@ depends on width and depth only): ONNX Runtime on the CPU, `--threads` threads, 
 of `--repeats` after warm-up, one session alive at a time. With --doc the table replaces what stands
 between the `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` markers (--block, default sweep). With
 --published a second table sets the students beside the published models of their size
-(sharpkd.report.PUBLISHED_STUDENTS, with their sources; not re-measured here).
+(sharpkd.report.PUBLISHED_STUDENTS, with their sources; not re-measured here). --sizes times more
+architectures beside them with no experiment (or alone, when no experiment is named); --profile-ops adds
+each one's share of INT8 kernel time outside the convolutions. The figures go to --out (metrics/speeds.json).
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def ms_key(precision: str) -> str:
     return speed_key(figure_name("student", "onnxruntime", "cpu", precision))
 
 
-def measure(scale: int, channels: int, blocks: int, threads: int, repeats: int) -> dict[str, float]:
+def measure(
+    scale: int, channels: int, blocks: int, threads: int, repeats: int, profile_ops: bool = False
+) -> dict:
     """The figures (sharpkd.timing keys) of the exported float32 and INT8 student of this size (random weights)
-    on a 1080p frame."""
+    on a 1080p frame; with `profile_ops`, also "int8_ops": the INT8 graph's kernel ms per frame by op type."""
     import numpy as np
     import torch
 
@@ -75,7 +79,49 @@ def measure(scale: int, channels: int, blocks: int, threads: int, repeats: int) 
         fp32 = export_onnx(model, Path(tmp) / "s.onnx")
         int8 = Path(tmp) / "s_int8.onnx"
         quantize_student(fp32, int8, calibration)
-        return timing.measure([onnx_target(fp32, "cpu", threads), onnx_target(int8, "cpu", threads)], repeats)
+        figures = timing.measure(
+            [onnx_target(fp32, "cpu", threads), onnx_target(int8, "cpu", threads)], repeats
+        )
+        if profile_ops:
+            figures["int8_ops"] = op_profile(int8, threads)
+        return figures
+
+
+CONV_OPS = {"Conv", "QLinearConv", "ConvInteger"}
+
+
+def op_profile(path: Path, threads: int, runs: int = 4) -> dict[str, float]:
+    """Kernel ms per 1080p frame by op type (ONNX Runtime's profiler, the mean of `runs` runs, the first
+    included): where the frame's time goes besides the convolutions. Profiling adds to each kernel, so
+    read shares, not ms."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {
+        session.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, 1080, 1920), dtype=np.float32)
+    }
+    for _ in range(runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    ms: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            ms[op] = ms.get(op, 0.0) + e["dur"] / 1000 / runs
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+
+
+def outside_convs(ops: dict[str, float]) -> float:
+    """The share of the kernel time that is not a convolution."""
+    total = sum(ops.values())
+    return sum(v for k, v in ops.items() if k not in CONV_OPS) / total if total else 0.0
 
 
 def _num(v) -> float | None:
@@ -113,6 +159,31 @@ def build_rows(exps: dict[str, dict], speeds: dict[tuple[int, int], dict]) -> li
                 "warmup": _num(m.get("distill.warmup_steps")),
             }
         )
+    for row in rows:
+        ops = speeds[row["size"]].get("int8_ops")
+        row["outside_convs"] = None if ops is None else outside_convs(ops)
+    return rows
+
+
+def speed_only_rows(
+    sizes: list[tuple[int, int]], speeds: dict[tuple[int, int], dict], scale: int
+) -> list[dict]:
+    """Rows for architectures timed with no experiment behind them (--sizes): speed, no quality."""
+    from sharpkd.models.student import Student
+
+    rows = []
+    for size in sizes:
+        ops = speeds[size].get("int8_ops")
+        rows.append(
+            {
+                "experiment": None, "block": "plain", "size": size,
+                "params": float(sum(p.numel() for p in Student(scale, *size).parameters())),
+                "psnr_fp32": None, "psnr_int8": None,
+                "ms_fp32": speeds[size][ms_key("fp32")], "ms_int8": speeds[size][ms_key("int8")],
+                "train_precision": None, "train_minutes": None, "lr": None, "warmup": None,
+                "outside_convs": None if ops is None else outside_convs(ops),
+            }
+        )  # fmt: skip
     return rows
 
 
@@ -120,22 +191,37 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
     def f(v, d):
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    best = {
-        key: pareto([(r[f"ms_{key}"], r[f"psnr_{key}"] or 0.0) for r in rows]) for key in ("fp32", "int8")
+    # Rows timed with no experiment (speed only) have no quality: they are neither on the front nor beating it.
+    trained = [r for r in rows if r["experiment"] is not None]
+    front = {
+        key: dict(
+            zip(
+                map(id, trained),
+                pareto([(r[f"ms_{key}"], r[f"psnr_{key}"] or 0.0) for r in trained]),
+                strict=True,
+            )
+        )
+        for key in ("fp32", "int8")
     }
+    best = {key: [front[key].get(id(r), False) for r in rows] for key in ("fp32", "int8")}
+    profiled = any(r.get("outside_convs") is not None for r in rows)
     lines = [
         f"| experiment | block | channels x blocks | params | {QUALITY_SET} PSNR fp32 / INT8 "
-        "| ms / 1080p fp32 / INT8 | Pareto (fp32 / INT8) | training: lr, warm-up, precision, minutes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ms / 1080p fp32 / INT8 | Pareto (fp32 / INT8) | training: lr, warm-up, precision, minutes |"
+        + (" INT8 time outside convs |" if profiled else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if profiled else ""),
     ]
     for i, r in enumerate(rows):
         params = "" if r["params"] is None else f"{int(r['params']):,}"
+        name = "(speed only)" if r["experiment"] is None else f"`{r['experiment']}`"
+        share = r.get("outside_convs")
         lines.append(
-            f"| `{r['experiment']}` | {r['block']} | {r['size'][0]} x {r['size'][1]} | {params} "
+            f"| {name} | {r['block']} | {r['size'][0]} x {r['size'][1]} | {params} "
             f"| {f(r['psnr_fp32'], 2)} / {f(r['psnr_int8'], 2)} | {r['ms_fp32']:.0f} / {r['ms_int8']:.0f} "
             f"| {'yes' if best['fp32'][i] else ''} / {'yes' if best['int8'][i] else ''} "
             f"| {'n/a' if r['lr'] is None else format(r['lr'], 'g')}, {f(r['warmup'], 0)}, "
-            f"{r['train_precision']}, {f(r['train_minutes'], 0)} |"
+            f"{r['train_precision'] or 'n/a'}, {f(r['train_minutes'], 0)} |"
+            + ((" n/a |" if share is None else f" {share:.0%} |") if profiled else "")
         )
     lines += [
         "",
@@ -143,6 +229,11 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
         "Training: peak learning rate and warm-up steps (`distill.lr`, `distill.warmup_steps`), the precision of",
         "its passes (`compute.amp`) and its wall-clock minutes (metrics/train.json).",
     ]
+    if profiled:
+        lines += [
+            "INT8 time outside convs: the share of the INT8 graph's kernel time (ONNX Runtime's profiler, 1080p)",
+            "spent in other ops: quantising, rearranging, the residual Add (metrics/speeds.json has them by op).",
+        ]
     return "\n".join(lines)
 
 
@@ -157,6 +248,7 @@ def render_published(rows: list[dict]) -> str:
         (r["params"] or 0, f"ours: `{r['experiment']}` ({r['block']} {r['size'][0]} x {r['size'][1]})",
          r["psnr_fp32"], r["psnr_int8"], r["ms_int8"], "this repository")
         for r in rows
+        if r["experiment"] is not None
     ] + [(p, name, psnr, int8, ms, src) for name, (p, psnr, int8, ms, src) in PUBLISHED_STUDENTS.items()]  # fmt: skip
     lines = [
         f"| model | params | {QUALITY_SET} PSNR | INT8 {QUALITY_SET} PSNR | ms / 1080p frame | source |",
@@ -215,9 +307,28 @@ def main() -> int:
     ap.add_argument("--block", default="sweep", help="the markers' name in --doc")
     ap.add_argument("--plot", type=Path, default=Path("docs/sweep.png"))
     ap.add_argument("--published", action="store_true", help="add the table against published models")
+    ap.add_argument(
+        "--sizes",
+        default="",
+        help="also time these architectures with no experiment, e.g. 64x5,32x4 (speed only)",
+    )
+    ap.add_argument(
+        "--profile-ops", action="store_true", help="add each size's INT8 time outside the convolutions"
+    )
+    ap.add_argument("--out", type=Path, default=Path("metrics/speeds.json"), help="the measured figures")
     args = ap.parse_args()
+    try:
+        extra = [
+            tuple(int(v) for v in item.lower().split("x")) for item in args.sizes.split(",") if item.strip()
+        ]
+        if any(len(size) != 2 or min(size) < 1 for size in extra):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(
+            f"error: --sizes {args.sizes!r}: expected CHANNELSxBLOCKS[,...], e.g. 64x5,32x4"
+        ) from None
 
-    from sharpkd.files import write_text
+    from sharpkd.files import write_json, write_text
     from sharpkd.timing import cpu_name
 
     names = list(args.experiments)
@@ -226,21 +337,32 @@ def main() -> int:
 
         profile = load_profile(args.profile)
         names += list(profile.table) or [a.name for a in profile.arms]
-    exps = sweep_experiments(names, args.prefix)
-    scale = int(next(iter(exps.values()))["data.scale"])
-    sizes = sorted({(int(m["student.channels"]), int(m["student.blocks"])) for m in exps.values()})
-    speeds = {size: measure(scale, *size, args.threads, args.repeats) for size in sizes}
-    rows = build_rows(exps, speeds)
+    exps = sweep_experiments(names, args.prefix) if names or not extra else {}
+    if exps:
+        scale = int(next(iter(exps.values()))["data.scale"])
+    else:
+        from sharpkd.config import load_params
+
+        scale = load_params().data.scale
+    trained = {(int(m["student.channels"]), int(m["student.blocks"])) for m in exps.values()}
+    sizes = sorted(trained | set(extra))
+    speeds = {size: measure(scale, *size, args.threads, args.repeats, args.profile_ops) for size in sizes}
+    figures = {"cpu": cpu_name(), "threads": args.threads, "repeats": args.repeats, "scale": scale}
+    figures["sizes"] = {f"{c}x{b}": speeds[(c, b)] for c, b in sizes}
+    write_json(args.out, figures)
+    rows = build_rows(exps, speeds) + speed_only_rows(sorted(set(extra) - trained), speeds, scale)
     table = render(rows, args.threads, cpu_name())
     if args.published:
         table += "\n\n" + render_published(rows)
     print(table)
-    plot(rows, args.plot)
+    if exps:  # speed alone has nothing to plot against
+        plot(rows, args.plot)
     if args.doc:
         link = Path(os.path.relpath(args.plot, args.doc.parent)).as_posix()
-        block = f"{table}\n\n![quality against speed]({link})"
+        block = f"{table}\n\n![quality against speed]({link})" if exps else table
         write_text(args.doc, replace_block(args.doc.read_text(), block, args.block))
-        print(f"wrote the table into {args.doc}, the plot to {args.plot}")
+        print(f"wrote the table into {args.doc}" + (f", the plot to {args.plot}" if exps else ""))
+    print(f"wrote the figures to {args.out}")
     return 0
 
 

@@ -80,3 +80,47 @@ def test_blocks_are_found_by_name():
     assert "NEW" in new and "old" not in new and "keep" in new
     with pytest.raises(SystemExit, match="teachers:start"):
         sweep_table.replace_block(doc, "NEW", "teachers")
+
+
+def test_speed_only_sizes_are_timed_beside_the_experiments_but_never_on_the_front():
+    fp32, int8 = sweep_table.ms_key("fp32"), sweep_table.ms_key("int8")
+    ops = {"QLinearConv": 30.0, "DepthToSpace": 10.0, "Add": 10.0}
+    speeds = {(64, 5): {fp32: 400.0, int8: 110.0, "int8_ops": ops}, (32, 4): {fp32: 110.0, int8: 50.0}}
+    exps = {
+        "crop-128x18-rep64x5": {
+            "student.channels": 64, "student.blocks": 5, "student.block": "rep", "student.params": 240048,
+            "Set5.student.psnr": 31.5, "int8.Set5.psnr_int8": 31.49,
+        },
+    }  # fmt: skip
+    rows = sweep_table.build_rows(exps, speeds) + sweep_table.speed_only_rows([(32, 4)], speeds, 4)
+    assert rows[0]["outside_convs"] == pytest.approx(0.4) and rows[1]["outside_convs"] is None
+    assert rows[1]["params"] == 64_720  # the 32 x 4 student's own count
+    table = sweep_table.render(rows, 2, "test cpu")
+    # The faster 32 x 4 has no quality, so it does not push the trained 64 x 5 off the front.
+    assert (
+        "| `crop-128x18-rep64x5` | rep | 64 x 5 | 240,048 | 31.50 / 31.49 | 400 / 110 | yes / yes |" in table
+    )
+    assert (
+        "| (speed only) | plain | 32 x 4 | 64,720 | n/a / n/a | 110 / 50 |  /  | n/a, n/a, n/a, n/a | n/a |"
+        in table
+    )
+    assert "| n/a, n/a, n/a, n/a | 40% |" not in table and "40% |" in table
+    assert "(speed only)" not in sweep_table.render_published(rows)
+
+
+def test_the_int8_graph_is_profiled_for_real():
+    figures = sweep_table.measure(scale=2, channels=8, blocks=1, threads=1, repeats=1, profile_ops=True)
+    ops = figures["int8_ops"]
+    assert "QLinearConv" in ops or "Conv" in ops  # the convs, whichever form ONNX Runtime fused them into
+    assert all(v >= 0 for v in ops.values()) and sum(ops.values()) > 0
+    assert 0.0 < sweep_table.outside_convs(ops) < 1.0  # the quantise/rearrange ops around them take some
+
+
+def test_bad_sizes_are_a_clear_error():
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sweep_table.py"), "--sizes", "64by5"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode != 0 and "--sizes '64by5'" in result.stderr and "Traceback" not in result.stderr
