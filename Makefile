@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: run test test-fast lint bench ui reference results domain domain-results experiments sweep \
-	sweep-results speed speed-results teachers teachers-results recipe recipe-results clean-venv
+	sweep-results speed speed-results teachers teachers-results recipe recipe-results crop crop-results clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ recipe: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/recipe.yaml
 	$(MAKE) recipe-results
 
+# Crop size at equal pixels per step (issue 26), the 96-pixel crops as the control.
+crop: $(VENV)/.installed
+	$(SHARPKD) profile run profiles/crop.yaml
+	$(MAKE) crop-results
+
 # The reference and domain arms at once (over three hours on a 2-core CPU), then both tables.
 experiments: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/reference.yaml profiles/domain.yaml --jobs 4
@@ -101,6 +106,9 @@ teachers-results: $(VENV)/.installed
 
 recipe-results: $(VENV)/.installed
 	$(PY) scripts/results_table.py --profile profiles/recipe.yaml --doc $(RESULTS) --block recipe
+
+crop-results: $(VENV)/.installed
+	$(PY) scripts/results_table.py --profile profiles/crop.yaml --doc $(RESULTS) --block crop
 
 ui: $(VENV)/.installed
 	$(BIN)/sharpkd ui
