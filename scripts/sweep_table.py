@@ -97,13 +97,10 @@ def op_profile(path: Path, threads: int, runs: int = 4) -> dict[str, float]:
     import json
 
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from sharpkd.runtime import ort_session
+
+    session = ort_session(path, "cpu", threads, profile_prefix=str(path.with_suffix("")))
     feed = {
         session.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, 1080, 1920), dtype=np.float32)
     }
@@ -169,6 +166,7 @@ def speed_only_rows(
     sizes: list[tuple[int, int]], speeds: dict[tuple[int, int], dict], scale: int
 ) -> list[dict]:
     """Rows for architectures timed with no experiment behind them (--sizes): speed, no quality."""
+    from sharpkd.models import count_params
     from sharpkd.models.student import Student
 
     rows = []
@@ -177,7 +175,7 @@ def speed_only_rows(
         rows.append(
             {
                 "experiment": None, "block": "plain", "size": size,
-                "params": float(sum(p.numel() for p in Student(scale, *size).parameters())),
+                "params": float(count_params(Student(scale, *size))),
                 "psnr_fp32": None, "psnr_int8": None,
                 "ms_fp32": speeds[size][ms_key("fp32")], "ms_int8": speeds[size][ms_key("int8")],
                 "train_precision": None, "train_minutes": None, "lr": None, "warmup": None,

@@ -64,8 +64,9 @@ def ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def ort_session(path: str | Path, device: str = "cpu", threads: int = 0):
-    """An ONNX Runtime session on the CPU or CUDA execution provider; a clear error when that cannot be had."""
+def ort_session(path: str | Path, device: str = "cpu", threads: int = 0, profile_prefix: str = ""):
+    """An ONNX Runtime session on the CPU or CUDA execution provider; a clear error when that cannot be had.
+    With `profile_prefix`, ONNX Runtime's profiler records every kernel (`session.end_profiling()`)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -82,6 +83,9 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int = 0):
     opts.log_severity_level = 3  # errors only: ORT's notes about node placement are noise here
     if threads:
         opts.intra_op_num_threads = threads
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for broken or unsupported files
