@@ -1,6 +1,6 @@
 """The README's student-size sweep: Set5 PSNR against ms per 1080p frame, float32 and INT8 (never typed by hand).
 
-Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--profile profiles/sweep.yaml] [--doc docs/results.md] [--block sweep] [--plot docs/sweep.png] [--published] [--sizes 64x5,32x4] [--profile-ops] [--out metrics/speeds.json]
+Usage: python scripts/sweep_table.py [EXPERIMENT ...] [--prefix sweep-] [--profile profiles/sweep.yaml] [--doc docs/results.md] [--block sweep] [--plot docs/sweep.png] [--published] [--sizes 64x5,32x4] [--profile-ops] [--float-io] [--out metrics/speeds.json]
 
 Quality comes from each DVC experiment's metrics (metrics/eval.json: Set5.student.psnr; metrics/export.json:
 int8.Set5.psnr_int8). Speed is measured here, side by side in one run on an otherwise idle machine, for each
@@ -11,7 +11,8 @@ between the `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` markers (--block, de
 --published a second table sets the students beside the published models of their size
 (sharpkd.report.PUBLISHED_STUDENTS, with their sources; not re-measured here). --sizes times more
 architectures beside them with no experiment (or alone, when no experiment is named); --profile-ops adds
-each one's share of INT8 kernel time outside the convolutions. The figures go to --out (metrics/speeds.json).
+each one's share of INT8 kernel time outside the convolutions; --float-io times each INT8 graph with float32
+image I/O too (the INT8 export takes the 8-bit image). The figures go to --out (metrics/speeds.json).
 """
 
 from __future__ import annotations
@@ -51,10 +52,17 @@ def ms_key(precision: str) -> str:
 
 
 def measure(
-    scale: int, channels: int, blocks: int, threads: int, repeats: int, profile_ops: bool = False
+    scale: int,
+    channels: int,
+    blocks: int,
+    threads: int,
+    repeats: int,
+    profile_ops: bool = False,
+    float_io: bool = False,
 ) -> dict:
     """The figures (sharpkd.timing keys) of the exported float32 and INT8 student of this size (random weights)
-    on a 1080p frame; with `profile_ops`, also "int8_ops": the INT8 graph's kernel ms per frame by op type."""
+    on a 1080p frame; with `profile_ops`, also "int8_ops": the INT8 graph's kernel ms per frame by op type;
+    with `float_io`, also "int8_float_io_ms": the INT8 graph with float32 image I/O (quantize.IMAGE_IO)."""
     import numpy as np
     import torch
 
@@ -82,6 +90,10 @@ def measure(
         figures = timing.measure(
             [onnx_target(fp32, "cpu", threads), onnx_target(int8, "cpu", threads)], repeats
         )
+        if float_io:
+            quantize_student(fp32, Path(tmp) / "f_int8.onnx", calibration, image_io="float32")
+            other = timing.measure([onnx_target(Path(tmp) / "f_int8.onnx", "cpu", threads)], repeats)
+            figures["int8_float_io_ms"] = other[ms_key("int8")]
         if profile_ops:
             figures["int8_ops"] = op_profile(int8, threads)
         return figures
@@ -96,17 +108,14 @@ def op_profile(path: Path, threads: int, runs: int = 4) -> dict[str, float]:
     read shares, not ms."""
     import json
 
-    import numpy as np
+    from sharpkd.runtime import OnnxFunction, ort_session
+    from sharpkd.timing import frame
 
-    from sharpkd.runtime import ort_session
-
-    session = ort_session(path, "cpu", threads, profile_prefix=str(path.with_suffix("")))
-    feed = {
-        session.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, 1080, 1920), dtype=np.float32)
-    }
+    fn = OnnxFunction(ort_session(path, "cpu", threads, profile_prefix=str(path.with_suffix(""))))
+    x = fn.native(frame())  # the frame in the model's own pixel type, as the timing path feeds it
     for _ in range(runs):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
+        fn.run_native(x)
+    events = json.loads(Path(fn.session.end_profiling()).read_text())
     ms: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
@@ -159,6 +168,7 @@ def build_rows(exps: dict[str, dict], speeds: dict[tuple[int, int], dict]) -> li
     for row in rows:
         ops = speeds[row["size"]].get("int8_ops")
         row["outside_convs"] = None if ops is None else outside_convs(ops)
+        row["ms_int8_float_io"] = speeds[row["size"]].get("int8_float_io_ms")
     return rows
 
 
@@ -180,6 +190,7 @@ def speed_only_rows(
                 "ms_fp32": speeds[size][ms_key("fp32")], "ms_int8": speeds[size][ms_key("int8")],
                 "train_precision": None, "train_minutes": None, "lr": None, "warmup": None,
                 "outside_convs": None if ops is None else outside_convs(ops),
+                "ms_int8_float_io": speeds[size].get("int8_float_io_ms"),
             }
         )  # fmt: skip
     return rows
@@ -203,11 +214,13 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
     }
     best = {key: [front[key].get(id(r), False) for r in rows] for key in ("fp32", "int8")}
     profiled = any(r.get("outside_convs") is not None for r in rows)
+    float_io = any(r.get("ms_int8_float_io") is not None for r in rows)
     lines = [
         f"| experiment | block | channels x blocks | params | {QUALITY_SET} PSNR fp32 / INT8 "
         "| ms / 1080p fp32 / INT8 | Pareto (fp32 / INT8) | training: lr, warm-up, precision, minutes |"
-        + (" INT8 time outside convs |" if profiled else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if profiled else ""),
+        + (" INT8 time outside convs |" if profiled else "")
+        + (" INT8 ms, float32 image I/O |" if float_io else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if profiled else "") + ("---|" if float_io else ""),
     ]
     for i, r in enumerate(rows):
         params = "" if r["params"] is None else f"{int(r['params']):,}"
@@ -220,6 +233,7 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
             f"| {'n/a' if r['lr'] is None else format(r['lr'], 'g')}, {f(r['warmup'], 0)}, "
             f"{r['train_precision'] or 'n/a'}, {f(r['train_minutes'], 0)} |"
             + ((" n/a |" if share is None else f" {share:.0%} |") if profiled else "")
+            + (f" {f(r.get('ms_int8_float_io'), 0)} |" if float_io else "")
         )
     lines += [
         "",
@@ -231,6 +245,11 @@ def render(rows: list[dict], threads: int, cpu: str) -> str:
         lines += [
             "INT8 time outside convs: the share of the INT8 graph's kernel time (ONNX Runtime's profiler, 1080p)",
             "spent in other ops: quantising, rearranging, the residual Add (metrics/speeds.json has them by op).",
+        ]
+    if float_io:
+        lines += [
+            "INT8 takes and gives the 8-bit image (uint8); the last column times the same INT8 graph with",
+            "float32 image I/O (its residual Add and the frame's (de)quantisation in float32), in the same run.",
         ]
     return "\n".join(lines)
 
@@ -313,6 +332,9 @@ def main() -> int:
     ap.add_argument(
         "--profile-ops", action="store_true", help="add each size's INT8 time outside the convolutions"
     )
+    ap.add_argument(
+        "--float-io", action="store_true", help="also time each size's INT8 graph with float32 image I/O"
+    )
     ap.add_argument("--out", type=Path, default=Path("metrics/speeds.json"), help="the measured figures")
     args = ap.parse_args()
     try:
@@ -344,7 +366,10 @@ def main() -> int:
         scale = load_params().data.scale
     trained = {(int(m["student.channels"]), int(m["student.blocks"])) for m in exps.values()}
     sizes = sorted(trained | set(extra))
-    speeds = {size: measure(scale, *size, args.threads, args.repeats, args.profile_ops) for size in sizes}
+    speeds = {
+        size: measure(scale, *size, args.threads, args.repeats, args.profile_ops, args.float_io)
+        for size in sizes
+    }
     figures = {"cpu": cpu_name(), "threads": args.threads, "repeats": args.repeats, "scale": scale}
     figures["sizes"] = {f"{c}x{b}": speeds[(c, b)] for c, b in sizes}
     write_json(args.out, figures)

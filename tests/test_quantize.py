@@ -10,8 +10,9 @@ import torch
 from sharpkd.errors import UserError
 from sharpkd.export import export_onnx
 from sharpkd.models.student import Student
-from sharpkd.quantize import quantize_student, space_to_depth_head
-from sharpkd.runtime import SCALE_KEY, ort_session
+from sharpkd.quantize import quantize_student, residual_on_lr_grid, space_to_depth_head
+from sharpkd.runtime import SCALE_KEY, OnnxFunction, onnx_target, ort_session
+from sharpkd.timing import time_target
 
 
 def _smooth(n: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -53,15 +54,24 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
+def _bytes(a: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+
+
+def _psnr8(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
 def test_quantize_student(fp32_student, tmp_path):
+    """The default INT8 model: integer convs and residual, the 8-bit image in and out."""
     model, fp32 = fp32_student
     out = tmp_path / "int8" / "student_int8.onnx"
     info = quantize_student(fp32, out, _calibration())
     assert out.is_file()
     assert not [p for p in out.parent.iterdir() if p != out]  # no temporary file left beside it
     assert info["calibration_batches"] == 5 and info["calibration_images"] == 6
-    assert info["quantized_ops"] == {"Conv": 4}  # head, two body convs, tail
-    assert info["head"] == "SpaceToDepth + 3x3 conv"
+    assert info["quantized_ops"] == {"Add": 1, "Conv": 4}  # head, two body convs, tail; the residual
+    assert info["head"] == "SpaceToDepth + 3x3 conv" and info["image_io"] == "uint8"
     assert info["uint8_rearrangements"] == ["Pad", "SpaceToDepth", "DepthToSpace", "Slice", "Slice"]
     assert info["method"] == "minmax" and info["format"] == "QDQ"
 
@@ -74,16 +84,63 @@ def test_quantize_student(fp32_student, tmp_path):
     assert len(int8_weights & conv_inputs) == 4  # every conv weight is stored as int8
     meta = {e.key: e.value for e in proto.metadata_props}
     assert meta[SCALE_KEY] == "2" and meta["sharpkd.precision"] == "int8"  # the runtime still finds the grid
+    assert "uint8" in meta["sharpkd.io"]
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    name, chain = proto.graph.output[0].name, []
+    for _ in range(5):
+        chain.append(producers[name].op_type)
+        name = producers[name].input[0]
+    # the sum is on the low-resolution grid, quantised to the image's grid, then rearranged and cropped
+    assert chain == ["Slice", "Slice", "DepthToSpace", "QuantizeLinear", "Add"]
 
-    # Odd size: the size-dependent padding still works; the output stays close to float32.
-    x = _smooth(1, 67, 45, 5)
+    # Odd size: the size-dependent padding still works; the 8-bit output stays close to float32's.
+    x8 = _bytes(_smooth(1, 67, 45, 5))
+    x = x8.astype(np.float32) / 255
     ref = ort_session(fp32).run(None, {"input": x})[0]
     with torch.no_grad():
         assert np.abs(ref - model(torch.from_numpy(x)).numpy()).max() < 1e-5
-    got = ort_session(out, threads=1).run(None, {"input": x})[0]
-    assert got.shape == x.shape and got.dtype == np.float32
-    assert np.abs(ref - x).max() > 1e-3  # the student is not the identity: the test means something
-    assert _psnr(got, ref) > 35
+    got = ort_session(out, threads=1).run(None, {"input": x8})[0]
+    assert got.shape == x.shape and got.dtype == np.uint8
+    assert np.abs(_bytes(ref).astype(int) - x8).max() > 2  # the student is not the identity
+    assert _psnr8(got, _bytes(ref)) > 35
+    # nearly the numbers of the float32-I/O INT8 model rounded to 8 bits (its input grid is calibrated)
+    float_io = quantize_student(fp32, tmp_path / "f.onnx", _calibration(), image_io="float32")
+    assert float_io["quantized_ops"] == {"Conv": 4} and float_io["image_io"] == "float32"
+    other = ort_session(tmp_path / "f.onnx", threads=1).run(None, {"input": x})[0]
+    assert other.dtype == np.float32
+    assert np.abs(_bytes(other).astype(int) - got).max() <= 2 and _psnr8(got, _bytes(other)) > 45
+
+    # OnnxFunction gives it a float image in [0,1] and takes one back; timing feeds it bytes.
+    fn = OnnxFunction(ort_session(out, threads=1))
+    y = fn(torch.from_numpy(x))
+    assert y.dtype == torch.float32 and np.array_equal(_bytes(y.numpy()), got)
+    assert fn.native(torch.from_numpy(x)).dtype == np.uint8
+    target = onnx_target(out, "cpu", 1)
+    assert target.precision == "int8" and time_target(target, torch.from_numpy(x), 1) > 0
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_residual_on_lr_grid_is_the_same_function(scale, tmp_path):
+    """The residual added before the DepthToSpace (tail channels in SpaceToDepth's order) is exact in float."""
+    torch.manual_seed(scale)
+    model = Student(scale=scale, channels=8, blocks=1)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.tail.weight, std=0.05)
+        torch.nn.init.normal_(model.tail.bias, std=0.05)
+    fp32 = export_onnx(model.eval(), tmp_path / "s.onnx")
+    proto = onnx.load(str(fp32))
+    assert not residual_on_lr_grid(proto)  # needs the SpaceToDepth head
+    assert space_to_depth_head(proto) and residual_on_lr_grid(proto)
+    rewritten = tmp_path / "lr.onnx"
+    onnx.save(proto, str(rewritten))
+    for shape in [(1, 3, 37, 53), (2, 3, 65, 31)]:
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        ref = ort_session(fp32).run(None, {"input": x})[0]
+        assert np.abs(ref - x).max() > 1e-3
+        assert np.abs(ort_session(rewritten).run(None, {"input": x})[0] - ref).max() < 1e-5
+    assert not residual_on_lr_grid(proto)  # already moved
 
 
 def test_quantize_options(fp32_student, tmp_path):
@@ -91,9 +148,11 @@ def test_quantize_options(fp32_student, tmp_path):
     info = quantize_student(
         fp32, tmp_path / "q.onnx", _calibration()[:2], per_channel=False, method="percentile"
     )
-    assert info["weights"] == "int8 per tensor" and info["quantized_ops"] == {"Conv": 4}
+    assert info["weights"] == "int8 per tensor" and info["quantized_ops"] == {"Add": 1, "Conv": 4}
     with pytest.raises(ValueError, match="method"):
         quantize_student(fp32, tmp_path / "q.onnx", _calibration(), method="mse")
+    with pytest.raises(ValueError, match="image_io"):
+        quantize_student(fp32, tmp_path / "q.onnx", _calibration(), image_io="uint16")
 
 
 def test_quantize_errors(fp32_student, tmp_path):
@@ -110,6 +169,21 @@ def test_quantize_errors(fp32_student, tmp_path):
     with pytest.raises(UserError, match=r"calibration array 0 has shape \(3, 8, 8\)"):
         quantize_student(fp32, out, [np.zeros((3, 8, 8), np.float32)])
     assert not out.exists()
+
+
+def test_uint8_io_needs_a_student(tmp_path):
+    """A model without a student's head and residual cannot take the 8-bit image: a clear error, no file."""
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1).eval()
+    other = tmp_path / "not_a_student.onnx"
+    axes = {"input": {0: "n", 2: "h", 3: "w"}}
+    torch.onnx.export(
+        conv, (torch.rand(1, 3, 16, 16),), str(other), dynamo=False, input_names=["input"], dynamic_axes=axes
+    )
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(UserError, match="not_a_student.onnx.*uint8 image I/O needs a sharpkd student"):
+        quantize_student(other, out, _calibration())
+    assert not out.exists()
+    assert quantize_student(other, out, _calibration(), image_io="float32")["quantized_ops"] == {"Conv": 1}
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
@@ -136,12 +210,12 @@ def test_space_to_depth_head_is_the_same_function(scale, tmp_path):
 
 def test_rearrangements_run_on_uint8_and_change_nothing(fp32_student, tmp_path, monkeypatch):
     """Pad, SpaceToDepth, DepthToSpace and the crop take uint8 tensors, with the same output as leaving
-    them between a DequantizeLinear and a QuantizeLinear."""
+    them between a DequantizeLinear and a QuantizeLinear (float32 I/O, where the float Add follows)."""
     import sharpkd.quantize as quantize
 
     _, fp32 = fp32_student
     moved = tmp_path / "moved.onnx"
-    quantize_student(fp32, moved, _calibration())
+    quantize_student(fp32, moved, _calibration(), image_io="float32")
     proto = onnx.load(str(moved))
     producers = {out: n for n in proto.graph.node for out in n.output}
 
@@ -163,7 +237,7 @@ def test_rearrangements_run_on_uint8_and_change_nothing(fp32_student, tmp_path, 
     assert chain(residual, 5) == ["DequantizeLinear", "Slice", "Slice", "DepthToSpace", "QuantizeLinear"]
     monkeypatch.setattr(quantize, "rearrange_in_uint8", lambda model: [])
     kept = tmp_path / "kept.onnx"
-    quantize_student(fp32, kept, _calibration())
+    quantize_student(fp32, kept, _calibration(), image_io="float32")
     x = _smooth(1, 67, 45, 5)
     a = ort_session(moved, threads=1).run(None, {"input": x})[0]
     b = ort_session(kept, threads=1).run(None, {"input": x})[0]

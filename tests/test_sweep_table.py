@@ -57,6 +57,16 @@ def test_speed_is_measured_for_real():
     assert all(v > 0 for v in figures.values())
 
 
+def test_int8_with_float32_image_io_is_timed_beside_it():
+    figures = sweep_table.measure(scale=2, channels=8, blocks=1, threads=1, repeats=1, float_io=True)
+    assert figures["int8_float_io_ms"] > 0
+    rows = sweep_table.speed_only_rows([(8, 1)], {(8, 1): figures}, scale=2)
+    assert rows[0]["ms_int8_float_io"] == figures["int8_float_io_ms"]
+    table = sweep_table.render(rows, threads=1, cpu="test cpu")
+    assert "INT8 ms, float32 image I/O" in table.splitlines()[0]
+    assert table.splitlines()[2].endswith(f" {figures['int8_float_io_ms']:.0f} |")
+
+
 def test_published_table_sets_our_students_beside_the_published_ones():
     from sharpkd.report import PUBLISHED_STUDENTS
 

@@ -11,10 +11,15 @@ channels-last). Around them, two rewrites that change no number:
   tensors rather than between a DequantizeLinear and a QuantizeLinear in float32
   (`rearrange_in_uint8`): they commute exactly with a per-tensor quantisation and move a quarter
   of the bytes.
-The global residual Add and the output stay float32: quantising the sum is no faster and rounds
-the output image to a calibrated 8-bit grid (about 5 dB further from float32). So the float32 work
-left at full size is one QuantizeLinear of the input, one DequantizeLinear of the residual and the
-Add. Weights are int8 per output channel, activations uint8 asymmetric (ReLU outputs
+The image itself is uint8 in and out (`image_io="uint8"`, the default): the input is the 8-bit
+frame (scale 1/255, zero point 0: no QuantizeLinear), the global residual is added on the
+low-resolution grid before the DepthToSpace (`residual_on_lr_grid`, exact in float) as one
+QLinearAdd whose output grid is the 8-bit image's own, and no float32 tensor of the frame's size is
+left. A calibrated output grid would cost about 5 dB; the image's own grid rounds exactly as saving
+the float32 model's output to an 8-bit image does (the metrics score uint8-rounded images), and on a
+1080p frame the float32 input QuantizeLinear, output DequantizeLinear and Add took about a third of
+the 32 x 4 student's INT8 kernel time. `image_io="float32"` keeps float32 I/O (the residual Add in
+float32), for comparison. Weights are int8 per output channel, activations uint8 asymmetric (ReLU outputs
 are non-negative; symmetric activations would waste half the range and keep the ReLUs).
 Calibration is MinMax by default: percentile and entropy measured no better, and clipping
 rare large residuals would clip the sharpening at strong edges, where it matters.
@@ -262,6 +267,99 @@ def rearrange_in_uint8(model) -> list[str]:
     return sorted(moved, key=["Pad", "SpaceToDepth", "DepthToSpace", "Slice"].index)
 
 
+def _replace_initializer(model, name: str, value: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    (init,) = [i for i in model.graph.initializer if i.name == name]
+    init.CopyFrom(numpy_helper.from_array(value, name))
+
+
+def residual_on_lr_grid(model) -> bool:
+    """Move the global residual before the DepthToSpace: DepthToSpace(y) + x becomes DepthToSpace(y + x'),
+    x' the head's SpaceToDepth of the (padded) input. The same numbers in float: the tail conv's output
+    channels are permuted from the exported DepthToSpace order (CRD: c*s*s + i*s + j) to SpaceToDepth's
+    (DCR: (i*s + j)*3 + c), and the DepthToSpace becomes DCR. In INT8 the sum is then one QLinearAdd of
+    two uint8 tensors on the low-resolution grid. Needs `space_to_depth_head` first; returns whether the
+    pattern was found (the model is changed in place)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    x, y = graph.input[0].name, graph.output[0].name
+    inits = {i.name: i for i in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    d2s = [n for n in graph.node if n.op_type == "DepthToSpace" and _mode(n) == "CRD"]
+    s2d = [n for n in graph.node if n.op_type == "SpaceToDepth"]
+    add = producer.get(y)
+    if len(d2s) != 1 or len(s2d) != 1 or add is None or add.op_type != "Add" or x not in add.input:
+        return False
+    (d2s,), (s2d,) = d2s, s2d
+    tail = producer.get(d2s.input[0])
+    s = _attrs(d2s)["blocksize"]
+    if tail is None or tail.op_type != "Conv" or len(tail.input) != 3 or _attrs(s2d)["blocksize"] != s:
+        return False
+    weight, bias = (numpy_helper.to_array(inits[name]) for name in tail.input[1:])
+    if weight.shape[0] != 3 * s * s:
+        return False
+    # out channel c*s*s + k  ->  k*3 + c  (k = i*s + j)
+    order = np.arange(3 * s * s).reshape(3, s * s).T.reshape(-1)
+    _replace_initializer(model, tail.input[1], np.ascontiguousarray(weight[order]))
+    _replace_initializer(model, tail.input[2], np.ascontiguousarray(bias[order]))
+    for attr in d2s.attribute:
+        if attr.name == "mode":
+            attr.s = b"DCR"
+    import onnx
+
+    summed = f"{d2s.input[0]}_plus_input"
+    graph.node.insert(
+        list(graph.node).index(d2s),
+        onnx.helper.make_node("Add", [d2s.input[0], s2d.output[0]], [summed], name="residual_on_lr_grid"),
+    )
+    d2s.input[0] = summed
+    cropped = next(i for i in add.input if i != x)
+    producer[cropped].output[0] = y
+    graph.node.remove(add)
+    return True
+
+
+def _mode(node) -> str:
+    mode = _attrs(node).get("mode", b"DCR")
+    return mode.decode() if isinstance(mode, bytes) else mode
+
+
+def uint8_image_io(model) -> None:
+    """Make the quantised graph take and give the 8-bit image itself: the input's QuantizeLinear and the
+    output's DequantizeLinear are dropped, and both grids set to the image's (scale 1/255, zero point 0;
+    the output's is then exactly the rounding and clipping of saving an image). After `rearrange_in_uint8`,
+    which leaves them at the graph's two ends."""
+    import onnx
+
+    graph = model.graph
+    x, y = graph.input[0].name, graph.output[0].name
+    quant = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == x]
+    dequant = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] == y]
+    # Besides its QuantizeLinear only Shape ops (the padding's size) may read the float input.
+    readers = [n for n in graph.node if x in n.input and n.op_type not in ("QuantizeLinear", "Shape")]
+    if len(quant) != 1 or len(dequant) != 1 or readers:
+        raise ValueError(
+            "uint8 image I/O: the quantised graph's input or output is not a lone (De)QuantizeLinear"
+        )
+    (quant,), (dequant,) = quant, dequant
+    for node in (quant, dequant):
+        _replace_initializer(model, node.input[1], np.array(1 / 255, np.float32))
+        _replace_initializer(model, node.input[2], np.array(0, np.uint8))
+    for node in graph.node:
+        node.input[:] = [x if name == quant.output[0] else name for name in node.input]
+    producer = {out: n for n in graph.node for out in n.output}
+    producer[dequant.input[0]].output[:] = [y]
+    graph.node.remove(quant)
+    graph.node.remove(dequant)
+    for value in (graph.input[0], graph.output[0]):
+        value.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+
+
+IMAGE_IO = ("uint8", "float32")
+
+
 def quantize_student(
     fp32_onnx: str | Path,
     out_path: str | Path,
@@ -269,22 +367,33 @@ def quantize_student(
     per_channel: bool = True,
     *,
     method: str = "minmax",
+    image_io: str = "uint8",
 ) -> dict:
     """Write an INT8 (QDQ) copy of the float32 student `fp32_onnx` to `out_path`, calibrated on `calibration`.
 
     `calibration`: arrays (N,3,H,W) float32 in [0,1], degraded inputs like the ones the model will see;
     crops (64 to 256 px) are enough: calibration keeps every batch's activations in memory until the end.
+    `image_io`: uint8 (the image in and out as 0-255 bytes; see the module's notes) or float32.
     Returns what was done.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if image_io not in IMAGE_IO:
+        raise ValueError(f"image_io must be one of {IMAGE_IO}, got {image_io!r}")
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     model = _load_onnx(fp32_onnx)
     arrays = _check_calibration(fp32_onnx, calibration)
     metadata = {e.key: e.value for e in model.metadata_props}
     head_regrouped = space_to_depth_head(model)
+    uint8_io = image_io == "uint8" and head_regrouped and residual_on_lr_grid(model)
+    if image_io == "uint8" and not uint8_io:
+        raise UserError(
+            f"{fp32_onnx}: uint8 image I/O needs a sharpkd student's head and residual; none found"
+        )
+    # With uint8 I/O the residual Add is integer too (its output grid is set by uint8_image_io).
+    op_types = [*OP_TYPES_TO_QUANTIZE, *(["Add"] if uint8_io else [])]
     calibrate_method = {
         "minmax": CalibrationMethod.MinMax,
         "percentile": CalibrationMethod.Percentile,
@@ -304,7 +413,7 @@ def quantize_student(
                 tmp,
                 _calibration_reader(model.graph.input[0].name, arrays),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(OP_TYPES_TO_QUANTIZE),
+                op_types_to_quantize=op_types,
                 per_channel=per_channel,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
@@ -313,11 +422,17 @@ def quantize_student(
             )
             quantized = onnx.load(str(tmp))
             uint8_ops = rearrange_in_uint8(quantized)
+            if uint8_io:
+                uint8_image_io(quantized)
             ops = integer_ops(quantized)
             if not ops.get("Conv"):  # raised inside the block: nothing is written
                 raise UserError(f"{fp32_onnx}: quantisation left no Conv in int8; is it a sharpkd student?")
             # The quantiser drops the model's metadata (the runtime reads the student's scale from it).
             del quantized.metadata_props[:]
+            if uint8_io:
+                metadata["sharpkd.io"] = (
+                    "(N,3,H,W) RGB uint8 (0-255), any H and W; output same shape and type"
+                )
             for key, value in {**metadata, "sharpkd.precision": "int8"}.items():
                 quantized.metadata_props.add(key=key, value=value)
             onnx.save(quantized, str(tmp))
@@ -337,10 +452,11 @@ def quantize_student(
         "method": method,
         "calibration_batches": len(arrays),
         "calibration_images": int(sum(a.shape[0] for a in arrays)),
-        "op_types_to_quantize": list(OP_TYPES_TO_QUANTIZE),
+        "op_types_to_quantize": op_types,
         "quantized_ops": ops,
         "head": "SpaceToDepth + 3x3 conv" if head_regrouped else "as exported",
         "uint8_rearrangements": uint8_ops,
+        "image_io": image_io,
     }
 
 
@@ -387,6 +503,7 @@ def export_int8(params: Params, pairs_dir: Path, fp32_path: Path, int8_path: Pat
         "int8.method": info["method"],
         "int8.quantized_ops": json.dumps(info["quantized_ops"]),
         "int8.head": info["head"],
+        "int8.image_io": info["image_io"],
         "int8.uint8_rearrangements": json.dumps(info["uint8_rearrangements"]),
     }
     sets = {res.name: list(images) for res, images in eval_sets(params, pairs_dir, None, min_side(scale))}

@@ -98,23 +98,40 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int = 0, profile
     return session
 
 
+# ONNX input types -> the array type the session takes.
+ONNX_IMAGE_TYPES = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
+
+
 class OnnxFunction:
-    """An ONNX Runtime session as a tensor -> tensor function (float16 models are cast at the boundary)."""
+    """An ONNX Runtime session as a float32 tensor -> tensor function in [0,1]: float16 models are cast at
+    the boundary, uint8 models (the INT8 export) get the image as 0-255 bytes, rounded, and give it back /255.
+    `native` and `run_native` skip that conversion (the timing path times a model on its own pixel type)."""
 
     def __init__(self, session):
         self.session = session
         inp = session.get_inputs()[0]
         self.input_name = inp.name
-        self.dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self.dtype = ONNX_IMAGE_TYPES.get(inp.type, np.float32)
         hw = inp.shape[-2:] if len(inp.shape) == 4 else []
         # (height, width) of a model that takes one size only, else None.
         self.fixed_size = (
             tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
         )
 
+    def native(self, x: torch.Tensor) -> np.ndarray:
+        """`x` (float in [0,1]) as the array the model takes."""
+        arr = x.detach().cpu().numpy()
+        if self.dtype == np.uint8:
+            return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+        return arr.astype(self.dtype, copy=False)
+
+    def run_native(self, arr: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: arr})[0]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().cpu().numpy().astype(self.dtype, copy=False)
-        out = self.session.run(None, {self.input_name: arr})[0]
+        out = self.run_native(self.native(x))
+        if out.dtype == np.uint8:
+            return torch.from_numpy(out).float().div_(255.0)
         return torch.from_numpy(out.astype(np.float32, copy=False))
 
 
@@ -307,7 +324,9 @@ def onnx_target(path: str | Path, device: str, threads: int) -> Target:
     """The timing target (timing.Target) of an ONNX student: a fresh session per timing, released after it.
 
     The file is opened once now, so a bad one fails before any timing; its precision comes from the
-    metadata export.py and quantize.py write (INT8 keeps float32 I/O), else from its input type.
+    metadata export.py and quantize.py write, else from its input type. The frame goes in and comes out
+    in the model's own pixel type (float32, float16, or uint8 for the INT8 export, as a video frame is
+    decoded and encoded): the conversion from float32 is not timed.
     """
     path = Path(path)
     fn = OnnxFunction(ort_session(path, device, threads))
@@ -317,6 +336,7 @@ def onnx_target(path: str | Path, device: str, threads: int) -> Target:
 
     def make(x: torch.Tensor):
         session = OnnxFunction(ort_session(path, device, threads))
-        return lambda: session(x)
+        arr = session.native(x)
+        return lambda: session.run_native(arr)
 
     return Target("student", "onnxruntime", device, precision, make)

@@ -2,8 +2,9 @@
 scripts/sweep_table.py) is measured and named here.
 
 - Sizes are (height, width), like the tensors; `FRAME_1080P` is the reference frame.
-- A figure is "frame in, frame out": a float32 frame in host memory goes through the model and comes
-  back to host memory; one untimed warm-up, then the median of `repeats` (`time_ms`). A `Target` builds
+- A figure is "frame in, frame out": a frame in host memory goes through the model and comes back to
+  host memory, in the model's own pixel type (float32; uint8 for the INT8 export, as video frames are
+  decoded and encoded); one untimed warm-up, then the median of `repeats` (`time_ms`). A `Target` builds
   what it times (an ONNX Runtime session, say) only when it is timed and drops it after, so one is alive
   at a time: an idle session's threads keep spinning and would slow the one being timed.
 - Keys: `speed.<model>.<runtime>_<device>[_<precision>].<size>.{ms,fps,reason}`, e.g.
