@@ -50,10 +50,6 @@ def _calibration() -> list[np.ndarray]:
     return [a.astype(np.float32) for a in noisy] + [_smooth(2, 48, 80, 9)]
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
-
-
 def _bytes(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
 
@@ -121,16 +117,22 @@ def test_quantize_student(fp32_student, tmp_path):
     assert target.precision == "int8" and time_target(target, torch.from_numpy(x), 1) > 0
 
 
-@pytest.mark.parametrize("scale", [2, 3, 4])
-def test_residual_on_lr_grid_is_the_same_function(scale, tmp_path):
-    """The residual added before the DepthToSpace (tail channels in SpaceToDepth's order) is exact in float."""
+def _small_student(scale: int, tmp_path, tail_bias: bool = False):
+    """An exported 8 x 1 student whose tail is not zero (so its output is not its input), and its proto."""
     torch.manual_seed(scale)
     model = Student(scale=scale, channels=8, blocks=1)
     with torch.no_grad():
         torch.nn.init.normal_(model.tail.weight, std=0.05)
-        torch.nn.init.normal_(model.tail.bias, std=0.05)
+        if tail_bias:
+            torch.nn.init.normal_(model.tail.bias, std=0.05)
     fp32 = export_onnx(model.eval(), tmp_path / "s.onnx")
-    proto = onnx.load(str(fp32))
+    return fp32, onnx.load(str(fp32))
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_residual_on_lr_grid_is_the_same_function(scale, tmp_path):
+    """The residual added before the DepthToSpace (tail channels in SpaceToDepth's order) is exact in float."""
+    fp32, proto = _small_student(scale, tmp_path, tail_bias=True)
     assert not residual_on_lr_grid(proto)  # needs the SpaceToDepth head
     assert space_to_depth_head(proto) and residual_on_lr_grid(proto)
     rewritten = tmp_path / "lr.onnx"
@@ -189,12 +191,7 @@ def test_uint8_io_needs_a_student(tmp_path):
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_space_to_depth_head_is_the_same_function(scale, tmp_path):
     """The INT8 path's head (SpaceToDepth + 3x3 conv) computes what the exported strided conv computes."""
-    torch.manual_seed(scale)
-    model = Student(scale=scale, channels=8, blocks=1)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.tail.weight, std=0.05)
-    fp32 = export_onnx(model.eval(), tmp_path / "s.onnx")
-    proto = onnx.load(str(fp32))
+    fp32, proto = _small_student(scale, tmp_path)
     assert space_to_depth_head(proto)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("SpaceToDepth") == 1 and ops.count("Conv") == 3
