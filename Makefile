@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: run test test-fast lint bench ui reference results domain domain-results experiments sweep \
-	sweep-results speed speed-results teachers teachers-results recipe recipe-results crop crop-results clean-venv
+	sweep-results speed speed-results teachers teachers-results recipe recipe-results lr lr-results crop crop-results clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ recipe: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/recipe.yaml
 	$(MAKE) recipe-results
 
+# The learning rate (issue 26), against a float32 control of its own.
+lr: $(VENV)/.installed
+	$(SHARPKD) profile run profiles/lr.yaml
+	$(MAKE) lr-results
+
 # Crop size at equal pixels per step (issue 26), the 96-pixel crops as the control.
 crop: $(VENV)/.installed
 	$(SHARPKD) profile run profiles/crop.yaml
@@ -106,6 +111,9 @@ teachers-results: $(VENV)/.installed
 
 recipe-results: $(VENV)/.installed
 	$(PY) scripts/results_table.py --profile profiles/recipe.yaml --doc $(RESULTS) --block recipe
+
+lr-results: $(VENV)/.installed
+	$(PY) scripts/results_table.py --profile profiles/lr.yaml --doc $(RESULTS) --block lr
 
 crop-results: $(VENV)/.installed
 	$(PY) scripts/results_table.py --profile profiles/crop.yaml --doc $(RESULTS) --block crop
