@@ -72,7 +72,10 @@ def test_teacher_speed_and_recipe_arms_at_the_reference_budget():
     assert dataclasses.replace(lever, loss=control.loss) == control
     control, lever = arms["lr1e3-rep32x4"], arms["lr2e3-rep32x4"]
     assert (lever.distill.lr, lever.distill.warmup_steps) == (0.002, 1000)
-    assert dataclasses.replace(lever, distill=dataclasses.replace(lever.distill, lr=0.001, warmup_steps=300)) == control
+    assert (
+        dataclasses.replace(lever, distill=dataclasses.replace(lever.distill, lr=0.001, warmup_steps=300))
+        == control
+    )
     assert not control.compute.amp and control.student == arms["speed-rep-32x4"].student
     assert arms["ref-ensemble-ema-rep64x5"].teacher.ensemble == ("pan",)
     assert arms["ref-pan-x8-ema-rep64x5"].teacher.self_ensemble

@@ -78,6 +78,10 @@ def test_quantize_student(fp32_student, tmp_path):
     int8_weights = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8}
     conv_inputs = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     assert len(int8_weights & conv_inputs) == 4  # every conv weight is stored as int8
+    # ... in 7 bits, so that no uint8 x int8 pair sum saturates on a CPU without VNNI
+    assert info["weights"] == "int8 per channel, 7-bit"
+    stored = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer if i.name in int8_weights]
+    assert max(int(np.abs(w).max()) for w in stored) == 64  # symmetric: [-64, 64], the range used
     meta = {e.key: e.value for e in proto.metadata_props}
     assert meta[SCALE_KEY] == "2" and meta["sharpkd.precision"] == "int8"  # the runtime still finds the grid
     assert "uint8" in meta["sharpkd.io"]
@@ -150,7 +154,13 @@ def test_quantize_options(fp32_student, tmp_path):
     info = quantize_student(
         fp32, tmp_path / "q.onnx", _calibration()[:2], per_channel=False, method="percentile"
     )
-    assert info["weights"] == "int8 per tensor" and info["quantized_ops"] == {"Add": 1, "Conv": 4}
+    assert info["weights"] == "int8 per tensor, 7-bit" and info["quantized_ops"] == {"Add": 1, "Conv": 4}
+    info = quantize_student(fp32, tmp_path / "full.onnx", _calibration()[:2], reduce_range=False)
+    proto = onnx.load(str(tmp_path / "full.onnx"))
+    stored = [
+        onnx.numpy_helper.to_array(i) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8
+    ]
+    assert info["weights"] == "int8 per channel" and max(int(np.abs(w).max()) for w in stored) == 127
     with pytest.raises(ValueError, match="method"):
         quantize_student(fp32, tmp_path / "q.onnx", _calibration(), method="mse")
     with pytest.raises(ValueError, match="image_io"):
