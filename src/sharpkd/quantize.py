@@ -23,10 +23,10 @@ float32), for comparison. Weights are int8 per output channel in a 7-bit range (
 (ReLU outputs are non-negative; symmetric activations would waste half the range and keep the ReLUs).
 The 7 bits are for CPUs without VNNI (AVX2, or AVX512 without VNNI): there ONNX Runtime multiplies
 uint8 x int8 with an instruction that adds pairs of products into int16 with saturation, and full-range
-weights overflow it. Measured on such a CPU (an AMD EPYC without AVX512; rep 32 x 4, 1080p tiles):
-with full-range weights INT8 cost 0.57 dB on Set5 and 1.85 dB on Manga109 against float32, with
-7-bit weights 0.01 dB on Set5 and 0.05 dB on four Manga109 pages. The INT8 file runs wherever it is
-copied to, so it is written to be right on every x86 CPU; on one with VNNI it costs the same time.
+weights overflow it. Measured on such a CPU (an AMD EPYC without AVX512; one trained rep 32 x 4):
+INT8 cost 0.57 dB on Set5 and 1.33 dB on four Manga109 pages against float32 with full-range weights,
+0.01 and 0.05 dB with 7-bit ones. The INT8 file runs wherever it is copied to, so it is written for
+the CPU that saturates (what 7 bits cost on a CPU with VNNI is not measured yet).
 Calibration is MinMax by default: percentile and entropy measured no better, and clipping
 rare large residuals would clip the sharpening at strong edges, where it matters.
 
@@ -381,7 +381,7 @@ def quantize_student(
     `calibration`: arrays (N,3,H,W) float32 in [0,1], degraded inputs like the ones the model will see;
     crops (64 to 256 px) are enough: calibration keeps every batch's activations in memory until the end.
     `image_io`: uint8 (the image in and out as 0-255 bytes; see the module's notes) or float32.
-    `reduce_range`: weights in [-64, 63] (7 bits), right on CPUs without VNNI too (module notes).
+    `reduce_range`: weights in [-64, 64] (7 bits), right on CPUs without VNNI too (module notes).
     Returns what was done.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
