@@ -10,11 +10,13 @@ stage); it records no MLflow run, as it computes nothing.
 from __future__ import annotations
 
 from sharpkd.config import Params, flatten
+from sharpkd.distill import check_init
 from sharpkd.pipeline import StagePaths, run_stage
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:
     keys = flatten(params)
+    check_init(params)  # a student.init of another size stops here, before any output is replaced
     print(f"[check_params] params.yaml: all {len(keys)} keys valid")
     return {"keys": len(keys)}
 

@@ -144,6 +144,7 @@ class StudentParams:
     activation: Literal["relu", "prelu", "silu", "gelu"]
     block: Literal["plain", "rep"]  # rep: re-parameterised training blocks, folded into plain ones
     rep_expand: float = field(metadata=_range(0, 8))  # width of the rep 1x1->3x3 branch, x out channels
+    init: str  # "" = random; zoo:NAME or a student .pth of the same architecture to fine-tune from
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class DistillParams:
     teacher: bool  # false: the no-teacher baseline (the cache holds only the validation outputs)
     teacher_only_fraction: float = field(metadata=_range(0, 1))  # share of each batch
     ema: float = field(metadata=_range(0, 0.99999))  # decay of the weights' moving average (0 = none)
+    keep: Literal["best", "last"]  # student.pth: the weights at the best validation PSNR, or the last ones
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,29 @@ def _check_relations(p: Params) -> None:
     _check_ensemble(p)
     _check_teacher_use(p)
     _check_folders(p)
+    _check_init(p)
+
+
+def _check_init(p: Params) -> None:
+    """student.init names a zoo student or a .pth file; whether its architecture is params.student's is
+    checked by check_params (distill.check_init), which can read the file."""
+    init = p.student.init
+    if not init:
+        return
+    from sharpkd.deploy import zoo
+
+    if zoo.is_zoo(init):
+        try:
+            zoo.card(init[len(zoo.PREFIX) :])
+        except UserError as exc:
+            raise ConfigError(f"params: 'student.init': {exc}") from None
+    elif not init.endswith(".pth"):
+        raise ConfigError(
+            f"params: 'student.init' = {init!r}: give zoo:NAME ({', '.join(zoo.names())}) or a student "
+            ".pth (models/student/student.pth of an earlier run)"
+        )
+    elif not Path(init).expanduser().is_file():
+        raise ConfigError(f"params: 'student.init' = {init!r}: no such file")
 
 
 def _check_ensemble(p: Params) -> None:

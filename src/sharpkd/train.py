@@ -33,8 +33,8 @@ from torch import nn
 
 from sharpkd.errors import UserError, load_error
 from sharpkd.files import atomic_path, remove_stale_temps
-from sharpkd.inference import default_device
 from sharpkd.progress import progress
+from sharpkd.tensors import default_device
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -57,6 +57,7 @@ class FitConfig:
     seed: int = 0
     log_every: int = 10
     ema_decay: float = 0.0  # 0 = no moving average of the weights
+    keep: str = "best"  # best: the weights at the best validation PSNR; last: at the last validation
     # Anything that must match for a checkpoint to be resumed (params, data fingerprint).
     fingerprint: dict = field(default_factory=dict)
 
@@ -190,16 +191,19 @@ class TrainState:
         evaluate: Callable[[], dict],
         step: int,
         average: WeightAverage | None = None,
+        keep_last: bool = False,
     ) -> dict:
         """`evaluate()`'s metrics at `step`; the objective's state is kept when its PSNR is the best yet.
         With a moving `average`, the averaged weights are what is validated and kept; the raw
-        weights' metrics come back beside them as `raw_<metric>`."""
+        weights' metrics come back beside them as `raw_<metric>`. `keep_last`: every validation's state is
+        kept (fine-tuning to data with no HR, where the validation images are not the target)."""
         objective.eval()
         with torch.no_grad():
             raw = evaluate() if average is not None else {}
             with average.swapped_in(objective) if average is not None else contextlib.nullcontext():
                 metrics = evaluate() | {f"raw_{k}": v for k, v in raw.items()}
-                if not self.best or metrics.get("psnr", -math.inf) > self.best.get("psnr", -math.inf):
+                better = metrics.get("psnr", -math.inf) > (self.best or {}).get("psnr", -math.inf)
+                if keep_last or not self.best or better:
                     self.best, self.best_step = dict(metrics), step
                     self.best_state = {
                         k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()
@@ -332,7 +336,7 @@ def fit(
         }
         # Only rank 0 validates and writes; the other ranks train in step with it.
         if evaluate is not None and rank == 0 and _due(done, cfg.eval_every, cfg.steps):
-            last_metrics = state.validate(objective, evaluate, done, average)
+            last_metrics = state.validate(objective, evaluate, done, average, cfg.keep == "last")
             row.update({f"val_{k}": v for k, v in last_metrics.items()})
         state.step = done
         state.curve.append(row)

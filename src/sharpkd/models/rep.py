@@ -123,6 +123,16 @@ class RepConv3x3(nn.Module):
             self.edge_bias.zero_()
         return self
 
+    @torch.no_grad()
+    def load_folded(self, weight: torch.Tensor, bias: torch.Tensor) -> RepConv3x3:
+        """Make the block compute the plain conv (`weight`, `bias`): the main branch takes what the other
+        branches do not already add, so they keep their own weights and go on learning (fine-tuning a
+        folded student as rep blocks)."""
+        folded_w, folded_b = self.folded_weight_bias()
+        self.conv.weight.add_(weight.to(folded_w) - folded_w)
+        self.conv.bias.add_(bias.to(folded_b) - folded_b)
+        return self
+
     def _edge_kernel(self) -> torch.Tensor:
         """Depthwise kernels (3 * out, 1, 3, 3): mask k scaled per channel, in edge_1x1's output order."""
         k = self.edge_scale[:, :, None, None] * self.edge_masks[:, None]  # (3, out, 3, 3)
