@@ -12,26 +12,90 @@ Usage: python scripts/bench_models.py [--repeats N] [--sizes 720p,1080p,4k] [--n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
-from sharpkd.bench import (
-    DEFAULT_SIZES,
-    STUDENT_INT8,
-    STUDENT_ONNX,
-    TEACHER_DIR,
-    render_table,
-    run_bench,
-    run_video_bench,
-    student_training_speed,
-    teacher_patch_throughput,
-    video_lines,
-)
 from sharpkd.config import load_params
+from sharpkd.deploy.bench import DEFAULT_SIZES, TEACHER_DIR, render_table, run_bench
+from sharpkd.deploy.bench_video import run_video_bench, video_lines
+from sharpkd.deploy.models import DEFAULT_MODELS
+from sharpkd.deploy.timing import time_ms
 from sharpkd.errors import UserError
 from sharpkd.files import write_json
+
+
+def teacher_patch_throughput(lr_side: int, batch_size: int, batches: int = 3, device: str = "cpu") -> dict:
+    """LR patches/s of the pipeline's teacher (models/teacher) in batches, as the cache_teacher stage runs it."""
+    from sharpkd.models.teacher import load_teacher
+
+    teacher, info = load_teacher(TEACHER_DIR, device)
+    x = torch.rand(batch_size, 3, lr_side, lr_side, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def run():
+        return teacher(x.to(device)).cpu()
+
+    ms = time_ms(run, batches)
+    return {
+        "teacher": info.get("name") or info.get("architecture", "teacher"),
+        "lr_patch": lr_side,
+        "batch_size": batch_size,
+        "device": device,
+        "patches_per_s": round(batch_size * 1000.0 / ms, 2),
+    }
+
+
+def student_training_speed(
+    scale: int, channels: int, blocks: int, patch: int, batch_size: int, steps: int = 5
+) -> dict:
+    """Training steps/s of a student of this shape: forward, L1 pixel + kd loss, backward, AdamW step,
+    in the precision `compute.amp: true` trains in on this device (bf16 where native)."""
+    from sharpkd.config import LossParams
+    from sharpkd.losses import DistillObjective
+    from sharpkd.models.student import Student
+    from sharpkd.train import native_bf16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = native_bf16(torch.device(device))
+    # What the default profile trains: pixel + KD, no perceptual or feature loss.
+    loss = LossParams(
+        pixel=1.0,
+        kd=1.0,
+        perceptual=0.0,
+        perceptual_target="teacher",
+        perceptual_layers=(),
+        feature=0.0,
+        feature_affinity=0.0,
+    )
+    objective = DistillObjective(Student(scale=scale, channels=channels, blocks=blocks), loss).to(device)
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        k: torch.rand(batch_size, 3, patch, patch, generator=gen).to(device)
+        for k in ("input", "hr", "teacher")
+    }
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            total, _ = objective(batch)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    ms = time_ms(step, steps)
+    return {
+        "device": device,
+        "precision": "bf16" if bf16 else "fp32",
+        "patch": patch,
+        "batch_size": batch_size,
+        "steps_per_s": round(1000.0 / ms, 3),
+    }
 
 
 def main() -> int:
@@ -58,7 +122,7 @@ def main() -> int:
             result["teacher_cache"] = teacher_patch_throughput(
                 params.data.patch_size // s, params.cache.batch_size, device=device
             )
-        if not args.no_video and (STUDENT_INT8.is_file() or STUDENT_ONNX.is_file()):
+        if not args.no_video and any(p.is_file() for p in DEFAULT_MODELS):
             add_video(result, run_video_bench(repeats=args.repeats))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

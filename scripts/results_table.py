@@ -57,8 +57,8 @@ def columns(row: dict) -> dict:
 
 def ms_1080p(m: dict, method: str):
     """A method's ms per 1080p frame as evaluate timed it (sharpkd.evaluation.speed_name: on timing.device)."""
+    from sharpkd.deploy.timing import speed_key
     from sharpkd.evaluation import speed_name
-    from sharpkd.timing import speed_key
 
     device = str(m.get("timing.device") or "cpu").split(":")[0]
     return m.get(speed_key(speed_name(method, device)))

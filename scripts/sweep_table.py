@@ -45,8 +45,8 @@ def sweep_experiments(names: list[str], prefix: str) -> dict[str, dict]:
 
 
 def ms_key(precision: str) -> str:
-    """The key of the ONNX Runtime CPU figure of one precision (fp32, int8) on a 1080p frame (sharpkd.timing)."""
-    from sharpkd.timing import figure_name, speed_key
+    """The key of the ONNX Runtime CPU figure of one precision (fp32, int8) on a 1080p frame (sharpkd.deploy.timing)."""
+    from sharpkd.deploy.timing import figure_name, speed_key
 
     return speed_key(figure_name("student", "onnxruntime", "cpu", precision))
 
@@ -60,17 +60,17 @@ def measure(
     profile_ops: bool = False,
     float_io: bool = False,
 ) -> dict:
-    """The figures (sharpkd.timing keys) of the exported float32 and INT8 student of this size (random weights)
+    """The figures (sharpkd.deploy.timing keys) of the exported float32 and INT8 student of this size (random weights)
     on a 1080p frame; with `profile_ops`, also "int8_ops": the INT8 graph's kernel ms per frame by op type;
     with `float_io`, also "int8_float_io_ms": the INT8 graph with float32 image I/O (quantize.IMAGE_IO)."""
     import numpy as np
     import torch
 
-    from sharpkd import timing
+    from sharpkd.deploy import timing
+    from sharpkd.deploy.timing import onnx_target
     from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
     from sharpkd.quantize import quantize_student
-    from sharpkd.runtime import onnx_target
 
     torch.manual_seed(0)
     model = Student(scale=scale, channels=channels, blocks=blocks).eval()
@@ -108,8 +108,8 @@ def op_profile(path: Path, threads: int, runs: int = 4) -> dict[str, float]:
     read shares, not ms."""
     import json
 
-    from sharpkd.runtime import OnnxFunction, ort_session
-    from sharpkd.timing import frame
+    from sharpkd.deploy.sessions import OnnxFunction, ort_session
+    from sharpkd.deploy.timing import frame
 
     fn = OnnxFunction(ort_session(path, "cpu", threads, profile_prefix=str(path.with_suffix(""))))
     x = fn.native(frame())  # the frame in the model's own pixel type, as the timing path feeds it
@@ -348,8 +348,8 @@ def main() -> int:
             f"error: --sizes {args.sizes!r}: expected CHANNELSxBLOCKS[,...], e.g. 64x5,32x4"
         ) from None
 
+    from sharpkd.deploy.timing import cpu_name
     from sharpkd.files import write_json, write_text
-    from sharpkd.timing import cpu_name
 
     names = list(args.experiments)
     if args.profile:

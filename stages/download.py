@@ -6,10 +6,10 @@ import pandas as pd
 
 from sharpkd.config import Params
 from sharpkd.data.sources import source_images
+from sharpkd.deploy.images import ImageReadError, save_image
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
 from sharpkd.files import atomic_dir
-from sharpkd.images import ImageReadError, save_image
 from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.progress import progress
 

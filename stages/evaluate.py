@@ -20,12 +20,12 @@ from sharpkd.config import Params
 from sharpkd.errors import UserError
 from sharpkd.fetch import resolve_weights_dir
 from sharpkd.files import atomic_dir, atomic_path, write_json
-from sharpkd.inference import default_device
 from sharpkd.metrics import QualityMetrics
 from sharpkd.models.student import load_student
 from sharpkd.models.teacher import load_teacher
 from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.report import write_figures
+from sharpkd.tensors import default_device
 
 
 def load_models(params: Params, paths: StagePaths, device):

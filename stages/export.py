@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sharpkd.config import Params
+from sharpkd.deploy.timing import FRAME_1080P
 from sharpkd.errors import UserError
 from sharpkd.export import check_parity, export_onnx, export_torchscript, measure_speed, parity_inputs
 from sharpkd.files import atomic_dir, write_json
@@ -18,7 +19,6 @@ from sharpkd.models import count_params
 from sharpkd.models.student import conv_macs, load_student
 from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.quantize import export_int8
-from sharpkd.timing import FRAME_1080P
 
 
 def check_files(model, files: dict[str, Path], paths: StagePaths, tol: float) -> dict:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
+import av
+import numpy as np
 import yaml
 
 from sharpkd.config import Params, params_from_dict
@@ -183,3 +187,56 @@ class serve_folder:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ----------------------------------------------------------------- video clips (moved from the library)
+
+
+def write_clip(
+    path: Path,
+    frames: Iterable[np.ndarray],
+    fps: int = 30,
+    codec: str = "libx264",
+    pix_fmt: str | None = None,
+    options: dict[str, str] | None = None,
+    audio: bool = False,
+) -> Path:
+    """A clip of HxWx3 uint8 RGB `frames` , in `pix_fmt` (default: yuv420p, yuv444p
+    for an odd size); `audio`: with a 440 Hz stereo AAC track as long as the video, interleaved with it."""
+    frames = iter(frames)
+    first = next(frames)
+    with av.open(str(path), "w") as out:
+        v = out.add_stream(codec, rate=fps)
+        v.height, v.width = first.shape[:2]
+        v.pix_fmt = pix_fmt or ("yuv444p" if v.width % 2 or v.height % 2 else "yuv420p")
+        v.options = options or {}
+        tone = _Tone(out) if audio else None
+        for i, rgb in enumerate(itertools.chain([first], frames)):
+            out.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")))
+            if tone is not None:
+                tone.until((i + 1) / fps)
+        out.mux(v.encode(None))
+        if tone is not None:
+            tone.finish()
+    return path
+
+
+class _Tone:
+    """A 440 Hz stereo AAC stream, written in 1024-sample frames."""
+
+    def __init__(self, out, rate: int = 44100):
+        self.out, self.rate, self.done = out, rate, 0
+        self.stream = out.add_stream("aac", rate=rate)
+        self.stream.layout = "stereo"
+
+    def until(self, seconds: float) -> None:
+        while self.done + 1024 <= seconds * self.rate:
+            t = np.arange(self.done, self.done + 1024) / self.rate
+            wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts = self.rate, self.done
+            self.out.mux(self.stream.encode(frame))
+            self.done += 1024
+
+    def finish(self) -> None:
+        self.out.mux(self.stream.encode(None))

@@ -15,8 +15,8 @@ from torch import nn
 from helpers import NullTracker, run_download, stage_paths, tiny_params
 from sharpkd.data.datasets import TrainPatches, teacher_only_count
 from sharpkd.data.degradation import center_crop, crop_to_multiple, resize
+from sharpkd.deploy.images import read_rgb
 from sharpkd.errors import UserError
-from sharpkd.images import read_rgb
 
 ALL_OFF = {"jpeg_prob": 0.0, "blur_prob": 0.0, "noise_prob": 0.0}
 KEYS = ("hr", "lr", "input", "teacher", "feat")

@@ -21,8 +21,8 @@ from sharpkd.data.degradation import (
     draw_degradation,
     resize,
 )
+from sharpkd.deploy.images import read_rgb
 from sharpkd.errors import UserError
-from sharpkd.images import read_rgb
 
 SET5 = SHARED / "testsets" / "Set5"
 ALL_ON = {"jpeg_prob": 1.0, "blur_prob": 1.0, "noise_prob": 1.0}

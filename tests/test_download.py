@@ -38,9 +38,9 @@ from helpers import (
 )
 from sharpkd.data import sources
 from sharpkd.data.sources import SAMPLE_PHOTOS
+from sharpkd.deploy.images import load_image, read_rgb
 from sharpkd.errors import UserError
 from sharpkd.fetch import DownloadError, download
-from sharpkd.images import load_image, read_rgb
 
 MANIFEST_COLUMNS = ["split", "source", "name", "origin", "width", "height", "sha256", "note"]
 

@@ -22,9 +22,9 @@ from helpers import (
     tiny_params,
 )
 from sharpkd.data.evalsets import extra_set_images
+from sharpkd.deploy.images import save_image
 from sharpkd.errors import UserError
 from sharpkd.evaluation import METHODS, SetResult, score_set
-from sharpkd.images import save_image
 from stages import evaluate
 
 torch.set_num_threads(1)
@@ -74,7 +74,7 @@ def _run(root: Path, out: Path, tracker=None, **overrides):
 
 def _extra_sets(root: Path, tmp_path: Path) -> dict[str, str]:
     """'good': two HR crops of the validation images; 'broken': one good, one unreadable, one too small."""
-    from sharpkd.images import read_rgb
+    from sharpkd.deploy.images import read_rgb
 
     hr = [read_rgb(p)[0] for p in sorted((root / "data/pairs/valid/hr").glob("*.png"))]
     good, broken = tmp_path / "good", tmp_path / "broken"
@@ -233,7 +233,7 @@ ODD = {  # file name -> how it is printed and stored
 def test_names_with_dollars_and_control_characters(pipeline, tmp_path, capsys):
     """`$5_and_$10.png` in a set: matplotlib's mathtext crashed evaluate on the figure title after all the
     scoring. Names with ESC sequences, newline, CR are evaluated and printed and stored escaped."""
-    from sharpkd.images import read_rgb
+    from sharpkd.deploy.images import read_rgb
 
     hr = read_rgb(sorted((pipeline / "data/pairs/valid/hr").glob("*.png"))[0])[0]
     folder = tmp_path / "odd"
@@ -257,9 +257,9 @@ def test_names_with_dollars_and_control_characters(pipeline, tmp_path, capsys):
 
 
 def _set5_reproduction(tmp_path: Path, **overrides):
-    from sharpkd.inference import run_tiled
     from sharpkd.metrics import QualityMetrics, min_side
     from sharpkd.models.teacher import load_teacher
+    from sharpkd.tensors import run_tiled
 
     params = tiny_params(data={"scale": 4}, degradation={"jpeg_prob": 0.0}, **overrides)
     run_teacher(params, tmp_path / "no-pairs", tmp_path / "teacher")

@@ -182,7 +182,7 @@ def test_fp16_onnx_runs_close_to_fp32(tmp_path):
 
 def test_int8_model_is_calibrated_timed_and_scored(workspace):
     """export.int8: student_int8.onnx from training-input crops; its speed beside float32 and its quality cost."""
-    from sharpkd.runtime import load_model
+    from sharpkd.deploy.models import load_model
 
     make_pairs(workspace, tiny_params(data={"scale": 2}))  # real training inputs and validation images
     metrics, _ = _export(workspace, fp16=False, int8=True, int8_calibration=8)
@@ -193,9 +193,9 @@ def test_int8_model_is_calibrated_timed_and_scored(workspace):
     assert metrics["int8.valid.psnr_fp32"] > 20 and abs(metrics["int8.valid.psnr_cost"]) < 0.2
     assert metrics["speed.student.onnxruntime_cpu_int8.1080p.ms"] > 0 and metrics["int8.speedup"] > 0
     # What sharpkd sharpen runs: the INT8 file loads like any exported model and agrees with float32.
-    x = torch.rand(1, 3, 37, 29)  # noise: further from the calibration crops than any photo
+    x = torch.rand(1, 3, 37, 29).numpy()  # noise: further from the calibration crops than any photo
     fp32 = load_model(workspace / "models/export/student.onnx")
-    assert (load_model(int8).apply(x, 64, 8) - fp32.apply(x, 64, 8)).abs().mean() < 0.01
+    assert np.abs(load_model(int8).apply(x, 64, 8) - fp32.apply(x, 64, 8)).mean() < 0.01
 
 
 HOSTILE = "<img src=x onerror=alert(1)>.png"

@@ -19,8 +19,8 @@ from sharpkd.config import ConfigError
 from sharpkd.data import footage
 from sharpkd.data.degradation import center_crop, resize
 from sharpkd.data.footage import frame_name, sample_clip, sample_positions
+from sharpkd.deploy.images import read_rgb
 from sharpkd.errors import UserError
-from sharpkd.images import read_rgb
 from test_degrade import ALL_OFF, _flat_images, _photo, _raw
 
 av = pytest.importorskip("av")

@@ -20,9 +20,9 @@ import sharpkd
 from helpers import REPO, deep_update, repo_params_dict
 from sharpkd.config import ConfigError, params_from_dict
 from sharpkd.data import store
+from sharpkd.deploy.images import printable, save_image
 from sharpkd.errors import UserError
 from sharpkd.files import _TEMP, atomic_dir, atomic_path, remove_stale_temps
-from sharpkd.images import printable, save_image
 
 SRC = Path(sharpkd.__file__).parents[1]  # the sharpkd under test, for the processes the tests start
 ENV = {**os.environ, "PYTHONPATH": str(SRC)}
@@ -233,7 +233,7 @@ UNREADABLE = """
 import json, sys
 from pathlib import Path
 from sharpkd.data.evalsets import extra_set_images
-from sharpkd.images import list_image_folder
+from sharpkd.deploy.images import list_image_folder
 from helpers import degradation_params
 problems = []
 names = [im.name for im in extra_set_images("mine", sys.argv[1], 2, degradation_params(), 0, 8, problems)]

@@ -76,7 +76,7 @@ def test_set5_bicubic_matches_published_table(m4):
     """MATLAB LR x4 up-scaled with PIL bicubic: 28.43 dB / 0.8101 (published 28.42 / 0.8104)."""
     from PIL import Image
 
-    from sharpkd.images import list_images, read_rgb
+    from sharpkd.deploy.images import list_images, read_rgb
 
     psnr, ssim = [], []
     for p in list_images(SET5 / "HR"):

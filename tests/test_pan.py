@@ -13,10 +13,10 @@ from sharpkd import fetch
 from sharpkd.data.datasets import TrainPatches
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
-from sharpkd.inference import run_tiled
 from sharpkd.models import count_params
 from sharpkd.models.pan import DEFAULT_FEATURE_LAYERS, PAN
 from sharpkd.models.teacher import load_teacher
+from sharpkd.tensors import run_tiled
 
 torch.set_num_threads(1)
 
@@ -137,9 +137,9 @@ def test_pan_source_downloads_and_verifies(pairs, tmp_path, monkeypatch):
 def set5_x4(lr_source: str) -> tuple[float, float]:
     """Mean Set5 x4 PSNR/SSIM of the official PAN x4, on LR from our degradation or MATLAB's files."""
     from sharpkd.data.degradation import crop_to_multiple, degrade_image
-    from sharpkd.images import list_images, read_rgb
-    from sharpkd.inference import tiled_apply, to_image, to_tensor
+    from sharpkd.deploy.images import list_images, read_rgb
     from sharpkd.metrics import QualityMetrics
+    from sharpkd.tensors import tiled_apply, to_image, to_tensor
 
     model = PAN(scale=4)
     model.load_state_dict(torch.load(official(4), map_location="cpu", weights_only=True), strict=True)

@@ -7,12 +7,13 @@ import onnx
 import pytest
 import torch
 
+from sharpkd.deploy.models import SCALE_KEY
+from sharpkd.deploy.sessions import OnnxFunction, ort_session
+from sharpkd.deploy.timing import onnx_target, time_target
 from sharpkd.errors import UserError
 from sharpkd.export import export_onnx
 from sharpkd.models.student import Student
 from sharpkd.quantize import quantize_student, residual_on_lr_grid, space_to_depth_head
-from sharpkd.runtime import SCALE_KEY, OnnxFunction, onnx_target, ort_session
-from sharpkd.timing import time_target
 
 
 def _smooth(n: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -121,11 +122,11 @@ def test_quantize_student(fp32_student, tmp_path):
 
     # OnnxFunction gives it a float image in [0,1] and takes one back; timing feeds it bytes.
     fn = OnnxFunction(ort_session(out, threads=1))
-    y = fn(torch.from_numpy(x))
-    assert y.dtype == torch.float32 and np.array_equal(_bytes(y.numpy()), got)
-    assert fn.native(torch.from_numpy(x)).dtype == np.uint8
+    y = fn(x)
+    assert y.dtype == np.float32 and np.array_equal(_bytes(y), got)
+    assert fn.native(x).dtype == np.uint8
     target = onnx_target(out, "cpu", 1)
-    assert target.precision == "int8" and time_target(target, torch.from_numpy(x), 1) > 0
+    assert target.precision == "int8" and time_target(target, x, 1) > 0
 
 
 def _small_student(scale: int, tmp_path, tail_bias: bool = False):

@@ -1,6 +1,6 @@
 """The MLflow model registry: what export registers (aliases, the servable pyfunc + onnx model),
 `--model models:/...` for `sharpkd sharpen` and `bench` (tracking/registry.py, runtime.resolve_model),
-and `mlflow models serve` of a registered student against a real local server (sharpkd.serving)."""
+and `mlflow models serve` of a registered student against a real local server (sharpkd.deploy.serving)."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_export_registers_a_servable_student_with_aliases(project):
         assert client.get_run(mv.run_id).data.tags["sharpkd.registered_version"] == version
     local = Path(client.get_model_version_download_uri(NAME, "2").removeprefix("file://"))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    assert mlmodel["flavors"]["python_function"]["loader_module"] == "sharpkd.serving"
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "sharpkd.deploy.serving"
     assert mlmodel["flavors"]["onnx"]["data"] == "data/student.onnx"
     assert (local / "data/student.onnx").read_bytes() == project.onnx[1].read_bytes()
     assert json.loads(mlmodel["signature"]["inputs"]) == [
@@ -130,7 +130,7 @@ def test_export_registers_a_servable_student_with_aliases(project):
 def test_models_uris_resolve_to_the_registered_file_and_reuse_the_cache(project, monkeypatch):
     import mlflow.artifacts
 
-    from sharpkd.runtime import resolve_model
+    from sharpkd.deploy.models import resolve_model
 
     v1, v2 = (p.read_bytes() for p in project.onnx)
     for uri, want in [
@@ -139,7 +139,7 @@ def test_models_uris_resolve_to_the_registered_file_and_reuse_the_cache(project,
         ("models:/sharpkd-student@challenger", v2),
         ("models:/sharpkd-student/latest", v2),
     ]:
-        path = resolve_model(uri)
+        path, _ = resolve_model(uri)
         assert path.read_bytes() == want, uri
         assert path.parent.parent == project.root / "cache" / NAME
 
@@ -151,10 +151,10 @@ def test_models_uris_resolve_to_the_registered_file_and_reuse_the_cache(project,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", recording)
-    cached = resolve_model("models:/sharpkd-student/2")
+    cached, _ = resolve_model("models:/sharpkd-student/2")
     assert fetched == ["MLmodel"], "a cached file whose sha256 is the registered one is not fetched again"
     cached.write_bytes(b"truncated")
-    assert resolve_model("models:/sharpkd-student/2").read_bytes() == v2
+    assert resolve_model("models:/sharpkd-student/2")[0].read_bytes() == v2
     assert fetched[1:] == ["MLmodel", "student.onnx"]
     assert not [p for p in cached.parent.iterdir() if p.name != "student.onnx"], "no temporary files left"
 

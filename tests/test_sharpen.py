@@ -10,9 +10,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sharpkd.cli import app
+from sharpkd.deploy.images import load_image
 from sharpkd.export import export_onnx, export_torchscript
-from sharpkd.images import load_image, to_image, to_tensor
 from sharpkd.models.student import Student, save_student
+from sharpkd.tensors import to_image, to_tensor
 
 runner = CliRunner()
 RNG = np.random.default_rng(0)
@@ -189,7 +190,8 @@ def test_missing_model_names_the_path_and_the_fix(tmp_path, monkeypatch):
     Image.fromarray(noise(8, 8)).save(tmp_path / "i.png")
     res = runner.invoke(app, ["sharpen", "i.png"])
     assert res.exit_code == 1
-    assert "models/export/student.onnx" in res.stderr and "dvc repro export" in res.stderr
+    assert "models/export/student_int8.onnx" in res.stderr and "dvc repro export" in res.stderr
+    assert "pass --model PATH" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert "Traceback" not in res.output
 
 
@@ -371,9 +373,10 @@ def test_output_problems_are_found_before_inference(tmp_path, models, case):
 
 def test_an_output_created_meanwhile_is_kept(tmp_path, models):
     """Two runs writing the same name: the later one finds it taken at the last moment and keeps it."""
+    from sharpkd.deploy.jobs import plan_jobs
+    from sharpkd.deploy.models import load_model
+    from sharpkd.deploy.sharpen import sharpen_image
     from sharpkd.errors import UserError
-    from sharpkd.runtime import load_model
-    from sharpkd.sharpen import plan_jobs, sharpen_image
 
     Image.fromarray(noise(8, 8)).save(tmp_path / "p.png")
     (job,), errors = plan_jobs([(tmp_path / "p.png", None)], None, True, overwrite=False, preview=False)
@@ -406,3 +409,61 @@ def test_a_bad_model_file_is_one_line(tmp_path, content):
     res = runner.invoke(app, ["sharpen", str(tmp_path / "p.png"), "--model", str(tmp_path / "m.pth")])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "m.pth: not a sharpkd student checkpoint" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def _smooth_photo(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([128 + 90 * np.sin(xx / 5 + k) * np.cos(yy / 7 - k) for k in range(3)], axis=2)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def test_greyscale_stays_greyscale_and_is_the_colour_paths_luma(tmp_path, models):
+    """A mode-L PNG comes out mode L, no colour fringes; its pixels are the Y channel of what the colour path
+    writes for the same image as RGB, within one level."""
+    grey = _smooth_photo(70, 90)[..., 1]
+    Image.fromarray(grey, "L").save(tmp_path / "g.png")
+    Image.fromarray(grey, "L").convert("RGB").save(tmp_path / "c.png")
+    res = sharpen(tmp_path / "g.png", tmp_path / "c.png", models=models)
+    assert res.exit_code == 0, res.output
+    out, colour = Image.open(tmp_path / "g_sharp.png"), Image.open(tmp_path / "c_sharp.png")
+    assert out.mode == "L" and colour.mode == "RGB" and "greyscale" in res.output
+    diff = np.abs(np.asarray(out, np.int16) - np.asarray(colour.convert("L"), np.int16))
+    assert diff.max() <= 1
+    assert not np.array_equal(np.asarray(out), grey)  # it was sharpened
+
+
+def test_greyscale_with_alpha_and_16_bit_greyscale(tmp_path, models):
+    """LA keeps its alpha untouched; 16-bit greyscale (I;16) stays 16-bit greyscale in PNG, becomes 8-bit L in
+    JPEG (which has no 16 bits)."""
+    grey, alpha = _smooth_photo(30, 40)[..., 0], noise(30, 40, c=1)
+    Image.merge("LA", [Image.fromarray(grey, "L"), Image.fromarray(alpha, "L")]).save(tmp_path / "la.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # mode I;16
+    res = sharpen(tmp_path / "la.png", tmp_path / "deep.png", models=models)
+    assert res.exit_code == 0, res.output
+    la = Image.open(tmp_path / "la_sharp.png")
+    assert la.mode == "LA" and np.array_equal(np.asarray(la)[..., 1], alpha)
+    deep = Image.open(tmp_path / "deep_sharp.png")
+    assert deep.mode.startswith("I") and np.asarray(deep).max() > 255
+    res = sharpen(tmp_path / "deep.png", "-o", tmp_path / "deep.jpg", models=models)
+    assert res.exit_code == 0 and Image.open(tmp_path / "deep.jpg").mode == "L", res.output
+
+
+def test_python_api_as_a_notebook_uses_it(tmp_path, models):
+    """Load once, then sharpen arrays and PIL images in memory and a file on disk."""
+    from sharpkd.deploy import load_model, sharpen_array, sharpen_file
+
+    model = load_model(models["onnx"])
+    assert model.scale == 2 and model.input_type == "float32" and model.verification.sha256
+    photo = _smooth_photo(50, 300)  # wider than a tile
+    sharp = sharpen_array(photo, model, tile=64, overlap=8)
+    assert sharp.shape == photo.shape and sharp.dtype == np.uint8 and not np.array_equal(sharp, photo)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    # The same pixels as `sharpkd sharpen` writes with the same tiling.
+    assert sharpen(tmp_path / "p.png", "--tile", 64, "--overlap", 8, models=models).exit_code == 0
+    assert np.array_equal(sharp, np.asarray(Image.open(tmp_path / "p_sharp.png")))
+    rgba = sharpen_array(Image.fromarray(np.dstack([photo, photo[..., 0]]), "RGBA"), model)
+    assert rgba.mode == "RGBA" and np.array_equal(np.asarray(rgba)[..., 3], photo[..., 0])
+    grey16 = sharpen_array(photo[..., 0].astype(np.uint16) * 257, model)
+    assert grey16.dtype == np.uint16 and grey16.ndim == 2
+    out = sharpen_file(tmp_path / "p.png", tmp_path / "api.png", models["onnx"])
+    assert out == tmp_path / "api.png" and Image.open(out).size == (300, 50)

@@ -13,10 +13,10 @@ from helpers import SHARED, make_pairs, run_cache_teacher, run_teacher, serve_fo
 from sharpkd.data.datasets import TrainPatches
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
-from sharpkd.inference import run_tiled, tiled_apply
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.student import Student
 from sharpkd.models.teacher import load_teacher
+from sharpkd.tensors import run_tiled, tiled_apply
 
 torch.set_num_threads(1)
 
@@ -180,7 +180,7 @@ SWINIR_X4 = SHARED / "weights" / "001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth"
 )
 def test_real_swinir_m_on_set5():
     from sharpkd.data.degradation import degrade_image
-    from sharpkd.images import read_rgb
+    from sharpkd.deploy.images import read_rgb
     from sharpkd.metrics import QualityMetrics
     from sharpkd.models.teacher import load_spandrel
 

@@ -15,12 +15,12 @@ from sharpkd import evaluation, fetch
 from sharpkd.config import ENSEMBLE_SOURCES, ConfigError
 from sharpkd.data.datasets import TrainPatches
 from sharpkd.fetch import file_digest
-from sharpkd.inference import run_tiled, tiled_apply
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.student import Student
 from sharpkd.models.teacher import TeacherEnsemble, load_spandrel, load_teacher
 from sharpkd.teacher_cache import FeatureTap, Teacher, make_runner
 from sharpkd.teachers import TEACHER_SOURCES
+from sharpkd.tensors import run_tiled, tiled_apply
 
 torch.set_num_threads(1)
 

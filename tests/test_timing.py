@@ -1,4 +1,4 @@
-"""sharpkd.timing: the one timing path (sizes, keys, targets) every speed figure goes through."""
+"""sharpkd.deploy.timing (and sharpkd.torch_timing): the one timing path (sizes, keys, targets) every speed figure goes through."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from sharpkd import timing
-from sharpkd.timing import FRAME_1080P, SIZES, Target, figure_name, speed_figures, speed_key
+from sharpkd import torch_timing
+from sharpkd.deploy import timing
+from sharpkd.deploy.timing import FRAME_1080P, SIZES, Target, figure_name, speed_figures, speed_key
 
 
 def test_sizes_are_height_width():
@@ -75,28 +76,28 @@ def test_targets_are_built_one_at_a_time_and_released():
 
 def test_torch_and_tiled_targets_return_frames_to_the_host():
     conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-    t = timing.torch_target("student", "torch", conv, "cpu")
+    t = torch_timing.torch_target("student", "torch", conv, "cpu")
     assert t.name == "student.torch_cpu" and t.warmup == 1
     with torch.no_grad():
         out = t.make(timing.frame((8, 10)))()
     assert out.shape == (1, 3, 8, 10) and out.device.type == "cpu" and out.dtype == torch.float32
     up = torch.nn.Upsample(scale_factor=2)
-    t = timing.tiled_target("teacher", up, 2, "cpu", tile=4, overlap=1, how="tiled 4")
+    t = torch_timing.tiled_target("teacher", up, 2, "cpu", tile=4, overlap=1, how="tiled 4")
     assert t.warmup == 0  # warmed up on one tile when built
     assert t.make(timing.frame((8, 12)))().shape == (1, 3, 8, 12)
     assert timing.time_target(t, timing.frame((8, 12)), 1) > 0
 
 
 def test_timing_context_says_where():
-    ctx = timing.timing_context(3)
+    ctx = torch_timing.timing_context(3)
     assert ctx["timing.device"].startswith("cpu: ") and ctx["timing.repeats"] == 3
     assert ctx["timing.torch_threads"] == torch.get_num_threads()
 
 
 @pytest.mark.parametrize("path", ["s.onnx", "s.pt", "s.pth"])
 def test_model_kind_is_the_one_suffix_dispatch(tmp_path, path):
+    from sharpkd.deploy.models import model_kind
     from sharpkd.errors import UserError
-    from sharpkd.runtime import model_kind
 
     (tmp_path / path).write_bytes(b"")
     assert model_kind(tmp_path / path) == (

@@ -520,9 +520,9 @@ def test_tracking_server_uri_override(workdir, monkeypatch, mlflow_server, how):
 
 def test_registered_students_resolve_through_a_tracking_server(workdir, monkeypatch, mlflow_server):
     """`--model models:/...` with MLFLOW_TRACKING_URI at a server: the ONNX file comes through it."""
+    from sharpkd.deploy.models import resolve_model
     from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
-    from sharpkd.runtime import resolve_model
 
     uri, _ = mlflow_server
     (workdir / "mlflow.db").unlink()
@@ -534,7 +534,7 @@ def test_registered_students_resolve_through_a_tracking_server(workdir, monkeypa
         t.log_onnx_model(onnx_path)
     version = MlflowClient(uri).get_registered_model("sharpkd-student").aliases["challenger"]
     for spec in ("models:/sharpkd-student@challenger", f"models:/sharpkd-student/{version}"):
-        path = resolve_model(spec)
+        path, _ = resolve_model(spec)
         assert path.read_bytes() == onnx_path.read_bytes(), spec
         assert path.parent == workdir / "cache" / "sharpkd-student" / str(version)
     assert not any(workdir.glob("*.db")), "nothing is written to a local store"

@@ -241,8 +241,14 @@ def test_a_checkpoint_resumes_only_in_the_precision_it_began_in(tmp_path, monkey
 
 @pytest.mark.parametrize(("cpu_flags", "precision"), [({"avx512_bf16"}, "bf16"), (set(), "fp32")])
 def test_training_benchmark_times_the_precision_training_uses(cpu_flags, precision, monkeypatch):
+    import importlib.util
+
     import sharpkd.train as train
-    from sharpkd.bench import student_training_speed
+
+    spec = importlib.util.spec_from_file_location("bench_models", REPO / "scripts" / "bench_models.py")
+    bench_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_models)
+    student_training_speed = bench_models.student_training_speed
 
     monkeypatch.setattr(train, "_cpu_flags", lambda: frozenset(cpu_flags))
     result = student_training_speed(scale=2, channels=4, blocks=1, patch=16, batch_size=2, steps=1)

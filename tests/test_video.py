@@ -15,11 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sharpkd import video as V
+from helpers import write_clip
 from sharpkd.cli import app
+from sharpkd.deploy import encoding as E
+from sharpkd.deploy import frames as V
+from sharpkd.deploy import transcode as T
 from sharpkd.export import export_onnx
-from sharpkd.images import to_image, to_tensor
 from sharpkd.models.student import Student
+from sharpkd.tensors import to_image, to_tensor
 
 runner = CliRunner()
 
@@ -76,7 +79,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_odd_sized_clip_with_audio_keeps_frames_size_rate_and_audio_packets(tmp_path, models):
-    clip = V.write_clip(tmp_path / "odd.mp4", frames(30, 321, 241), fps=30, audio=True)
+    clip = write_clip(tmp_path / "odd.mp4", frames(30, 321, 241), fps=30, audio=True)
     res = sharpen(clip, model=models["sharp"])
     assert res.exit_code == 0, res.output
     out = tmp_path / "odd_sharp.mp4"
@@ -98,7 +101,7 @@ def test_odd_sized_clip_with_audio_keeps_frames_size_rate_and_audio_packets(tmp_
 
 def test_frames_are_the_model_applied_and_the_preview_is_side_by_side(tmp_path, models):
     # An odd width: 4:4:4 in and out, so crf 0 leaves only the RGB <-> YUV rounding.
-    clip = V.write_clip(tmp_path / "c.mp4", frames(6, 65, 48), fps=12)
+    clip = write_clip(tmp_path / "c.mp4", frames(6, 65, 48), fps=12)
     res = sharpen(clip, "--preview", "--crf", "0", model=models["sharp"])
     assert res.exit_code == 0, res.output
     inputs = decoded(clip)
@@ -126,7 +129,7 @@ def _damage(path, packet_indices, seed=1):
 
 def test_damaged_frames_are_skipped_counted_and_reported(tmp_path, models):
     """OpenCV read such a 10-frame clip as its first frames only, and said nothing."""
-    clip = V.write_clip(tmp_path / "d.mp4", frames(10, 64, 48), fps=10, audio=True)
+    clip = write_clip(tmp_path / "d.mp4", frames(10, 64, 48), fps=10, audio=True)
     _damage(clip, [3, 4])
     res = sharpen(clip, model=models["sharp"])
     assert res.exit_code == 1
@@ -193,8 +196,8 @@ def test_a_stream_the_output_cannot_hold_is_named(tmp_path, models):
 
 
 def test_outputs_keep_their_container_or_become_mp4(tmp_path, models):
-    V.write_clip(tmp_path / "a.mov", frames(2, 32, 32))
-    V.write_clip(tmp_path / "b.avi", frames(2, 32, 32))
+    write_clip(tmp_path / "a.mov", frames(2, 32, 32))
+    write_clip(tmp_path / "b.avi", frames(2, 32, 32))
     res = sharpen(tmp_path / "a.mov", tmp_path / "b.avi", model=models["same"])
     assert res.exit_code == 0, res.output
     assert len(decoded(tmp_path / "a_sharp.mov")) == 2 and len(decoded(tmp_path / "b_sharp.mp4")) == 2
@@ -210,7 +213,7 @@ def test_outputs_keep_their_container_or_become_mp4(tmp_path, models):
     ],
 )
 def test_encoder_problems_are_one_line_before_any_work(tmp_path, models, args, message):
-    clip = V.write_clip(tmp_path / "c.mp4", frames(2, 32, 32))
+    clip = write_clip(tmp_path / "c.mp4", frames(2, 32, 32))
     res = sharpen(clip, *args, model=models["same"])
     assert res.exit_code == 1 and message in res.stderr, res.output
     assert "Traceback" not in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4"]
@@ -219,7 +222,7 @@ def test_encoder_problems_are_one_line_before_any_work(tmp_path, models, args, m
 def test_an_encoder_that_cannot_keep_an_odd_size_says_so(tmp_path, models):
     if "libsvtav1" not in av.codecs_available:
         pytest.skip("this FFmpeg has no libsvtav1")
-    clip = V.write_clip(tmp_path / "c.mp4", frames(2, 33, 25))
+    clip = write_clip(tmp_path / "c.mp4", frames(2, 33, 25))
     res = sharpen(clip, "--codec", "libsvtav1", model=models["same"])
     assert res.exit_code == 1 and "libsvtav1 cannot keep the size 33x25" in res.stderr, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4"]
@@ -228,13 +231,13 @@ def test_an_encoder_that_cannot_keep_an_odd_size_says_so(tmp_path, models):
 def test_pixel_formats():
     x264, svt = av.Codec("libx264", "w"), av.Codec("libsvtav1", "w")
     fmt = av.VideoFormat
-    assert V.pixel_format(x264, fmt("yuv420p"), 64, 48) == "yuv420p"
-    assert V.pixel_format(x264, fmt("yuvj420p"), 64, 48) == "yuv420p"
-    assert V.pixel_format(x264, fmt("yuv420p"), 65, 48) == "yuv444p"
-    assert V.pixel_format(x264, fmt("yuv422p"), 64, 47) == "yuv422p"
-    assert V.pixel_format(x264, fmt("yuv422p"), 63, 48) == "yuv444p"
-    assert V.pixel_format(x264, fmt("gbrp"), 64, 48) == "yuv444p"
-    assert V.pixel_format(svt, fmt("yuv444p"), 64, 48) == "yuv420p"  # it has no 4:4:4; the size still fits
+    assert E.pixel_format(x264, fmt("yuv420p"), 64, 48) == "yuv420p"
+    assert E.pixel_format(x264, fmt("yuvj420p"), 64, 48) == "yuv420p"
+    assert E.pixel_format(x264, fmt("yuv420p"), 65, 48) == "yuv444p"
+    assert E.pixel_format(x264, fmt("yuv422p"), 64, 47) == "yuv422p"
+    assert E.pixel_format(x264, fmt("yuv422p"), 63, 48) == "yuv444p"
+    assert E.pixel_format(x264, fmt("gbrp"), 64, 48) == "yuv444p"
+    assert E.pixel_format(svt, fmt("yuv444p"), 64, 48) == "yuv420p"  # it has no 4:4:4; the size still fits
 
 
 def _threads_settle(before: int) -> bool:
@@ -257,12 +260,12 @@ def test_a_failing_thread_stops_the_others_and_nothing_is_kept(tmp_path, models,
         return real(*args)
 
     if where == "writer":
-        real = V._Encoder.write
-        monkeypatch.setattr(V._Encoder, "write", lambda self, *a: fail_after_three(self, *a, real=real))
+        real = T._Encoder.write
+        monkeypatch.setattr(T._Encoder, "write", lambda self, *a: fail_after_three(self, *a, real=real))
     else:
         real = V.ModelIO.run
         monkeypatch.setattr(V.ModelIO, "run", lambda self, *a: fail_after_three(self, *a, real=real))
-    clip = V.write_clip(tmp_path / "c.mp4", frames(40, 64, 48), audio=True)
+    clip = write_clip(tmp_path / "c.mp4", frames(40, 64, 48), audio=True)
     before = threading.active_count()
     res = sharpen(clip, model=models["same"])
     assert res.exit_code == 1 and "No space left on device" in res.stderr, res.output
@@ -271,7 +274,7 @@ def test_a_failing_thread_stops_the_others_and_nothing_is_kept(tmp_path, models,
 
 
 def test_frames_go_through_the_model_in_batches(tmp_path, models, monkeypatch):
-    from sharpkd.runtime import load_model
+    from sharpkd.deploy.models import load_model
 
     shapes = []
     real = V.ModelIO.run
@@ -281,9 +284,9 @@ def test_frames_go_through_the_model_in_batches(tmp_path, models, monkeypatch):
         return real(self, batch)
 
     monkeypatch.setattr(V.ModelIO, "run", record)
-    clip = V.write_clip(tmp_path / "c.mp4", frames(7, 32, 24), audio=True)
-    report = V.sharpen_video(
-        load_model(models["same"]), clip, tmp_path / "o.mp4", opts=V.VideoOptions(batch=3)
+    clip = write_clip(tmp_path / "c.mp4", frames(7, 32, 24), audio=True)
+    report = T.sharpen_video(
+        load_model(models["same"]), clip, tmp_path / "o.mp4", opts=T.VideoOptions(batch=3)
     )
     assert report.frames == 7 and not report.damaged
     assert [s[0] for s in shapes] == [3, 3, 1] and shapes[0][1:] == (3, 24, 32)
@@ -321,7 +324,7 @@ def test_bench_video_times_the_clip_end_to_end_beside_the_model(tmp_path, models
 
 def test_model_io_rounds_as_the_image_path_does():
     class Model:  # values outside [0, 1] and halves of a level, as a real residual gives
-        tile_device = None
+        on_cpu = True
 
         def apply(self, x, tile, overlap):
             return x * 1.37 - 0.2
@@ -332,16 +335,16 @@ def test_model_io_rounds_as_the_image_path_does():
 
 
 def test_ten_bit_input_says_it_is_written_as_eight_bit(tmp_path, models):
-    clip = V.write_clip(tmp_path / "ten.mp4", frames(3, 32, 32), pix_fmt="yuv420p10le")
+    clip = write_clip(tmp_path / "ten.mp4", frames(3, 32, 32), pix_fmt="yuv420p10le")
     res = sharpen(clip, model=models["same"])
     assert res.exit_code == 0, res.output
     assert "10-bit input written as 8-bit" in res.output and "libx264 yuv420p" in res.output
 
 
 def test_sharpen_writes_the_containers_video_knows():
-    from sharpkd.sharpen import VIDEO_KEPT_SUFFIXES, VIDEO_SAVE_SUFFIXES, VIDEO_SUFFIXES
+    from sharpkd.deploy.jobs import VIDEO_KEPT_SUFFIXES, VIDEO_SAVE_SUFFIXES, VIDEO_SUFFIXES
 
     assert (
-        VIDEO_SAVE_SUFFIXES == set(V.CONTAINERS)
+        VIDEO_SAVE_SUFFIXES == set(E.CONTAINERS)
         and VIDEO_KEPT_SUFFIXES <= VIDEO_SAVE_SUFFIXES <= VIDEO_SUFFIXES
     )

@@ -1,4 +1,8 @@
-"""`sharpkd ...`: the command line. Thin: each command parses options and calls a module."""
+"""`sharpkd ...`: the command line. Thin: each command parses options and calls a module.
+
+`sharpen` and `bench` run on the deploy wing (sharpkd.deploy: the light install); `profile` and `ui` are the
+pipeline's, imported inside those commands, so that without the pipeline extra they say in one line what
+to install."""
 
 from __future__ import annotations
 
@@ -18,6 +22,36 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+PIPELINE_EXTRA = "pip install 'sharpkd[pipeline]'"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from sharpkd import __version__
+
+        print(f"sharpkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """sharpkd: image sharpening by knowledge distillation (a DVC + MLflow + PyTorch pipeline)."""
+
+
+@contextlib.contextmanager
+def _needs_pipeline(command: str) -> Iterator[None]:
+    """A pipeline command run where the training stack is not installed: one line naming the extra."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        print(f"error: `sharpkd {command}` needs the training stack ({exc.name} is missing): {PIPELINE_EXTRA}",
+              file=sys.stderr)  # fmt: skip
+        raise typer.Exit(1) from None
 
 
 @contextlib.contextmanager
@@ -102,20 +136,17 @@ def sharpen(
         typer.Option(
             "--model",
             "-m",
-            help="A .onnx (default: models/export/student.onnx), TorchScript .pt or student .pth, or a "
-            "registered student: models:/sharpkd-student/3, models:/sharpkd-student@champion (MLflow store).",
+            help="A .onnx (default: this checkout's models/export/student_int8.onnx, else student.onnx), "
+            "TorchScript .pt or student .pth (these two need the pipeline extra), or a registered student: "
+            "models:/sharpkd-student/3, models:/sharpkd-student@champion (MLflow store).",
         ),
     ] = None,
     device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.cpu,
     tile: Annotated[
         int | None,
-        typer.Option(
-            help="Tile side in pixels (default: infer.tile of params.yaml, or 256; video frames: whole up to 4K)."
-        ),
+        typer.Option(help="Tile side in pixels (default: 256; video frames: whole up to 4K)."),
     ] = None,
-    overlap: Annotated[
-        int | None, typer.Option(help="Tile overlap in pixels (default: infer.overlap).")
-    ] = None,
+    overlap: Annotated[int | None, typer.Option(help="Tile overlap in pixels (default: 16).")] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing outputs, even an input.")
     ] = False,
@@ -145,9 +176,9 @@ def sharpen(
 ) -> None:
     """Sharpen images (PNG, JPEG, WebP, TIFF; alpha, 16-bit and EXIF orientation kept) and videos (anything
     FFmpeg reads; H.264 out; audio and subtitles copied; size, timing, rotation and colour tags kept)."""
-    from sharpkd.runtime import trusting_code
-    from sharpkd.sharpen import sharpen_paths
-    from sharpkd.video import VideoOptions
+    from sharpkd.deploy.encoding import VideoOptions
+    from sharpkd.deploy.sharpen import sharpen_paths
+    from sharpkd.deploy.torch_models import trusting_code
 
     video = VideoOptions(codec=codec, crf=crf, preset=preset, batch=batch)
     with _user_errors(), _stopped_by_signals("sharpen"), trusting_code(trust_code):
@@ -164,12 +195,13 @@ def bench(
         typer.Option(
             "--model",
             "-m",
-            help="Student .pth, .pt or .onnx (default: models/student/student.pth and models/export/student.onnx), "
+            help="Student .onnx, .pt or .pth (default: this checkout's models/export/student.onnx and, with the "
+            "pipeline extra, models/student/student.pth), "
             "or a registered student: models:/sharpkd-student/3, models:/sharpkd-student@champion.",
         ),
     ] = None,
     teacher: Annotated[
-        bool, typer.Option("--teacher", help="Also time the teacher (models/teacher).")
+        bool, typer.Option("--teacher", help="Also time the teacher (models/teacher; the pipeline extra).")
     ] = False,
     sizes: Annotated[
         str | None,
@@ -181,7 +213,7 @@ def bench(
         int, typer.Option(help="Timed runs per figure (median), after one warm-up.", min=1)
     ] = 5,
     threads: Annotated[
-        int, typer.Option(help="torch and ONNX Runtime CPU threads (0: torch's default).", min=0)
+        int, typer.Option(help="ONNX Runtime (and torch) CPU threads (0: their default).", min=0)
     ] = 0,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
@@ -201,23 +233,14 @@ def bench(
     with --video, of a video sharpened end to end beside the model alone."""
     from rich.console import Console
 
-    from sharpkd.bench import (
-        DEFAULT_SIZES,
-        VIDEO_SIZES,
-        check_output_file,
-        render_table,
-        run_bench,
-        run_video_bench,
-        video_lines,
-    )
+    from sharpkd.deploy.bench import DEFAULT_SIZES, check_output_file, render_table, run_bench
+    from sharpkd.deploy.bench_video import VIDEO_SIZES, run_video_bench, video_lines
+    from sharpkd.deploy.torch_models import trusting_code
     from sharpkd.files import write_json
-    from sharpkd.runtime import trusting_code
-    from sharpkd.sharpen import default_tiling
 
     console = Console()
     with _user_errors(), trusting_code(trust_code):
         check_output_file(json_path, "--json")  # before any timing
-        tile, overlap = default_tiling()
         with console.status("timing...") as status:
 
             def progress(what: str) -> None:
@@ -229,7 +252,7 @@ def bench(
                 )
             else:
                 result = run_bench(
-                    model, teacher, sizes or DEFAULT_SIZES, repeats, threads, tile, overlap, progress=progress
+                    model, teacher, sizes or DEFAULT_SIZES, repeats, threads, progress=progress
                 )
         for note in result["notes"]:
             console.print(note, soft_wrap=True, markup=False, highlight=False)
@@ -239,6 +262,74 @@ def bench(
         if json_path is not None:
             write_json(json_path, result)
             console.print(f"wrote {json_path}", markup=False)
+
+
+@app.command()
+def zoo() -> None:
+    """The trained students that ship with sharpkd (zoo:NAME for --model and student.init), with their figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sharpkd.deploy import zoo as shipped
+
+    with _user_errors():
+        table = Table(
+            "name", "student", "params", "Set5 dB fp32 / INT8", "Manga109 dB fp32 / INT8", "INT8 ms", "CPU"
+        )
+        for name in shipped.names():
+            c = shipped.card(name)
+            q, s, a = c.get("quality", {}), c.get("speed", {}), c.get("arch", {})
+
+            def dbs(set_name: str, q=q) -> str:
+                r = q.get(set_name, {})
+                return " / ".join(
+                    "n/a" if r.get(k) is None else f"{r[k]:.2f}" for k in ("psnr_fp32", "psnr_int8")
+                )
+
+            ms = s.get("int8_ms")
+            table.add_row(
+                f"zoo:{name}",
+                f"rep {a.get('channels')} x {a.get('blocks')}: {c.get('title', '')}",
+                f"{c.get('params', 0):,}",
+                dbs("Set5"),
+                dbs("Manga109"),
+                "not timed" if ms is None else f"{ms:.0f}",
+                s.get("cpu", ""),
+            )
+        Console(width=200).print(table)
+        print(f"model cards: {shipped.ZOO_DIR}/NAME/card.md")
+
+
+@app.command(no_args_is_help=True)
+def adapt(
+    inputs: Annotated[list[Path], typer.Argument(help="A folder of clips and images, or clips and images.")],
+    start: Annotated[
+        str, typer.Option("--from", help="The student to fine-tune: zoo:NAME or a student .pth.")
+    ] = "zoo:balanced",
+    name: Annotated[
+        str | None, typer.Option(help="The DVC experiment's name (default: adapt-FOLDER-TIME).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-S", help="KEY=VALUE over params.yaml and the recipe (profiles/adapt.yaml)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and print the command; run nothing.")
+    ] = False,
+) -> None:
+    """Fine-tune a zoo student to your own footage: the teacher labels frames of INPUTS, the student trains
+    on them beside the labelled photographs, then evaluate, export and MLflow, as one DVC experiment."""
+    with _user_errors(), _needs_pipeline("adapt"):
+        from sharpkd.adapt import plan, run
+
+        adapt_plan = plan(inputs, start, name, set_)
+        if dry_run:
+            import shlex
+
+            print(shlex.join(adapt_plan.command))
+            return
+    with _user_errors():
+        raise typer.Exit(run(adapt_plan))
 
 
 profile_app = typer.Typer(
@@ -261,9 +352,9 @@ def profile_queue(
     ] = False,
 ) -> None:
     """Validate every arm against params.yaml, then `dvc exp run --queue` each (same-named ones replaced)."""
-    from sharpkd.profiles import load_profile, queue
+    with _user_errors(), _needs_pipeline("profile queue"):
+        from sharpkd.profiles import load_profile, queue
 
-    with _user_errors():
         queue(load_profile(profile), arm, dry_run=dry_run)
 
 
@@ -277,9 +368,9 @@ def profile_run(
     """Queue every arm of the profiles, then run the queue (`dvc exp run --run-all -j JOBS`)."""
     import subprocess
 
-    from sharpkd.profiles import load_profile, queue
+    with _user_errors(), _needs_pipeline("profile run"):
+        from sharpkd.profiles import load_profile, queue
 
-    with _user_errors():
         loaded = [load_profile(p) for p in profiles]
         for p in loaded:
             queue(p)
@@ -295,9 +386,9 @@ def ui(
     """Start the MLflow UI on 127.0.0.1 against this project's tracking store (mlflow.db, mlartifacts/)."""
     import os
 
-    from sharpkd.tracking import ui_command
+    with _user_errors(), _needs_pipeline("ui"):
+        from sharpkd.tracking import ui_command
 
-    with _user_errors():
         cmd, note = ui_command(port)
     print(note, flush=True)
     if cmd is None:

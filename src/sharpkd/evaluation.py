@@ -3,7 +3,7 @@
 Every HR image is degraded as the pipeline does (the validation split was degraded by the degrade
 stage; `eval.sets` folders are degraded by data.evalsets, seeded per image). A method maps an image to
 its uint8 output: the degraded input itself ("bicubic"), or a model run through the one tiled
-inference path (`inference.run_tiled`, `model_method`); `score_set` scores each against HR with
+inference path (`tensors.run_tiled`, `model_method`); `score_set` scores each against HR with
 `metrics.QualityMetrics`. Means are `<set>.<method>.<metric>` (eval.json's keys).
 """
 
@@ -20,25 +20,14 @@ from sharpkd.config import Params
 from sharpkd.data.datasets import load_valid
 from sharpkd.data.degradation import resize
 from sharpkd.data.evalsets import EvalImage, extra_set_images, problem, too_small
+from sharpkd.deploy.timing import FRAME_1080P, Target, figure_name, measure, speed_figures, speed_key
 from sharpkd.errors import UserError
-from sharpkd.images import to_image
-from sharpkd.inference import run_tiled
 from sharpkd.metrics import mean_scores
 from sharpkd.models import count_params
 from sharpkd.models.student import conv_macs
 from sharpkd.progress import progress
-from sharpkd.timing import (
-    FRAME_1080P,
-    Target,
-    downscale,
-    figure_name,
-    measure,
-    speed_figures,
-    speed_key,
-    tiled_target,
-    timing_context,
-    torch_target,
-)
+from sharpkd.tensors import run_tiled, to_image
+from sharpkd.torch_timing import downscale, tiled_target, timing_context, torch_target
 
 METHODS = ("bicubic", "teacher", "student")
 VALID = "valid"  # the validation split's set name (config.py keeps eval.sets from using it)
@@ -258,9 +247,11 @@ def quality_speed_table(rows: list[dict]) -> pd.DataFrame:
 def bicubic_target(scale: int, kernel: str) -> Target:
     """The baseline the student has to beat costs a resize: the one degrade uses, LR uint8 -> frame."""
 
+    import torch
+
     def make(x):
         h, w = x.shape[-2:]
-        lr = to_image(downscale(x, scale))
+        lr = to_image(downscale(torch.from_numpy(x), scale))
         return lambda: resize(lr, (w, h), kernel)
 
     return Target("bicubic", SPEED_RUNTIMES["bicubic"], "cpu", "fp32", make)

@@ -1,6 +1,6 @@
 """Exporting the student: ONNX (float32 and float16) and TorchScript, parity against PyTorch, speed.
 The export stage (stages/export.py) uses these; its INT8 model is quantize.export_int8, its model card
-sharpkd.model_card, and every speed figure goes through sharpkd.timing.
+sharpkd.model_card, and every speed figure goes through sharpkd.deploy.timing.
 
 Export path: `torch.onnx.export(..., dynamo=False)`, the TorchScript-based exporter. The
 torch.export-based one (torch's default) needs the `onnxscript` package, which the
@@ -9,7 +9,7 @@ from the input size, pixel (un)shuffle) exports exactly with the classic exporte
 padding to a multiple of the scale stays symbolic, so odd sizes work (checked below).
 
 float16 variant: exported from a `.half()` copy of the model, so its input and output
-are float16 too (ONNX Runtime on a GPU runs it natively; `runtime.OnnxFunction` casts at
+are float16 too (ONNX Runtime on a GPU runs it natively; `deploy.sessions.OnnxFunction` casts at
 the boundary). onnxconverter-common's `convert_float_to_float16` would keep float32 I/O,
 but it is not a dependency and the half export needs nothing extra.
 """
@@ -26,19 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharpkd import __version__
-from sharpkd.errors import UserError
-from sharpkd.models.student import Student
-from sharpkd.runtime import SCALE_KEY, OnnxFunction, onnx_target, ort_cuda_available, ort_session
-from sharpkd.timing import (
+from sharpkd.deploy.models import SCALE_KEY, load_model
+from sharpkd.deploy.sessions import ort_cuda_available
+from sharpkd.deploy.timing import (
     FRAME_1080P,
     Target,
     figure_name,
     measure,
+    onnx_target,
     speed_figures,
     speed_key,
-    timing_context,
-    torch_target,
 )
+from sharpkd.errors import UserError
+from sharpkd.models.student import Student
+from sharpkd.tensors import as_torch
+from sharpkd.torch_timing import timing_context, torch_target
 
 # Odd sizes whose padding to a multiple of the scale differs (and a batch of 2).
 PARITY_SHAPES = [(1, 3, 37, 53), (2, 3, 65, 31)]
@@ -138,7 +140,8 @@ def _load_torchscript(path: Path):
 
 def parity_inputs(valid_dir: str | Path) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
     """The first validation input image (whole) and random tensors of odd sizes; a note when no image is found."""
-    from sharpkd.images import list_images, read_rgb, to_tensor
+    from sharpkd.deploy.images import list_images, read_rgb
+    from sharpkd.tensors import to_tensor
 
     gen = torch.Generator().manual_seed(0)
     inputs = [(f"random {'x'.join(map(str, s))}", torch.rand(*s, generator=gen)) for s in PARITY_SHAPES]
@@ -154,11 +157,11 @@ def parity_inputs(valid_dir: str | Path) -> tuple[list[tuple[str, torch.Tensor]]
 def check_parity(model: Student, inputs, onnx_path: Path, ts_path: Path, fp16_path: Path | None) -> dict:
     """Max abs difference against the PyTorch model, over all inputs, for each exported file (CPU)."""
     runners = {
-        "onnx_fp32": lambda: OnnxFunction(ort_session(onnx_path)),
+        "onnx_fp32": lambda: as_torch(load_model(onnx_path).run),
         "torchscript": lambda: _load_torchscript(ts_path),
     }
     if fp16_path is not None:
-        runners["onnx_fp16"] = lambda: OnnxFunction(ort_session(fp16_path))
+        runners["onnx_fp16"] = lambda: as_torch(load_model(fp16_path).run)
     model = model.cpu().eval()
     refs = [model(x) for _, x in inputs]
     out: dict = {}

@@ -30,8 +30,7 @@ import torch
 
 from sharpkd.errors import UserError
 from sharpkd.fetch import download, find_file, resolve_weights_dir, without_home
-from sharpkd.images import to_tensor
-from sharpkd.inference import run_tiled
+from sharpkd.tensors import run_tiled, to_tensor
 
 # PSNR of identical images is infinite; pyiqa adds eps=1e-8 to the MSE, which makes it 80 dB.
 # Capped here too, so no inf ever reaches JSON.

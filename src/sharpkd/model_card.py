@@ -10,11 +10,11 @@ from pathlib import Path
 
 from sharpkd import __version__
 from sharpkd.config import PIPELINE_GROUPS, Params, flatten
+from sharpkd.deploy.images import printable
+from sharpkd.deploy.timing import FRAME_1080P
 from sharpkd.fetch import file_digest
-from sharpkd.images import printable
 from sharpkd.models import count_params
 from sharpkd.models.student import Student, conv_macs
-from sharpkd.timing import FRAME_1080P
 
 
 def _read_json(path: Path) -> dict | None:

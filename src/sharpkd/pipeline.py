@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Protocol
 
 import yaml
 
@@ -42,7 +43,23 @@ class StagePaths:
         return cls(**{f.name: Path(root) / getattr(cls, f.name) for f in fields(cls)})
 
 
-StageFn = Callable[[Params, StagePaths, object], dict]
+class Tracker(Protocol):
+    """What a stage may record (tracking.NullTracker does nothing, tracking.MlflowTracker logs to MLflow)."""
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_onnx_model(self, onnx_path: str | Path, input_example: Any = None, **options: Any) -> None: ...
+
+
+StageFn = Callable[[Params, StagePaths, Tracker], dict]
 
 
 def remove_killed_leftovers(dvc_yaml: Path = Path("dvc.yaml")) -> None:

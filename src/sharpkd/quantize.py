@@ -54,11 +54,12 @@ import torch
 from sharpkd.config import Params
 from sharpkd.data.datasets import TrainPatches
 from sharpkd.data.evalsets import EvalImage
+from sharpkd.deploy.models import load_model
 from sharpkd.errors import UserError
 from sharpkd.evaluation import SetResult, eval_sets, method_means, model_method, score_set
 from sharpkd.files import atomic_path
 from sharpkd.metrics import QualityMetrics, min_side
-from sharpkd.runtime import OnnxFunction, ort_session
+from sharpkd.tensors import as_torch
 
 # Op types handed to the quantiser: Relu is listed so that it folds into the conv's output range.
 OP_TYPES_TO_QUANTIZE = ("Conv", "Relu")
@@ -487,7 +488,7 @@ def int8_cost(
     metrics = QualityMetrics(scale, lpips=False)
     scores = {}
     for precision, path in (("fp32", fp32_path), ("int8", int8_path)):
-        session = OnnxFunction(ort_session(path, "cpu", torch.get_num_threads()))
+        session = as_torch(load_model(path, "cpu", torch.get_num_threads()).run)
         methods = {precision: model_method(session, tile, overlap, align=scale)}
         for name, images in sets.items():
             res = score_set(name, images, methods, metrics, SetResult(name), desc=f"INT8 check, {precision}:")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sharpkd.images import printable
+from sharpkd.deploy.images import printable
 
 CAPTIONS = {"bicubic": "input (bicubic)", "teacher": "teacher", "student": "student"}
 # DESIGN.md: published Set5 / Set14 x4 numbers (PSNR dB, SSIM), for the quality-vs-speed plot.

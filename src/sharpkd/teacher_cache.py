@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from sharpkd.config import CacheParams, Params
 from sharpkd.data import store
 from sharpkd.data.datasets import PAIR_FILES, TEACHER_FILES, image_sizes, load_valid, read_pairs_info
+from sharpkd.deploy.images import save_image
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
-from sharpkd.images import save_image, to_image, to_tensor
-from sharpkd.inference import default_device, run_tiled, tiled_apply
 from sharpkd.models.teacher import load_teacher, named_teacher, teacher_name
 from sharpkd.progress import progress
+from sharpkd.tensors import default_device, run_tiled, tiled_apply, to_image, to_tensor
 
 # A small probe input: the feature layers' channel count, and a check that they lie on the LR grid.
 # 16: DCTLSA reflect-pads its input to 16-pixel windows, which an 8-pixel side cannot give.

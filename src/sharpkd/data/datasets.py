@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 
 from sharpkd.data.store import load_flat, open_images
+from sharpkd.deploy.images import read_rgb
 from sharpkd.errors import UserError
-from sharpkd.images import read_rgb
 
 # key -> file in data/pairs (PAIR) or data/teacher (TEACHER), for the labelled images ("train")
 # and the teacher-only inputs ("teacher_only"). "lr" of a teacher-only input is what the teacher saw.

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from sharpkd.config import DegradationParams
 from sharpkd.data.degradation import crop_to_multiple, degrade_image
-from sharpkd.images import ImageReadError, list_images, printable, read_rgb
+from sharpkd.deploy.images import ImageReadError, list_images, printable, read_rgb
 
 
 @dataclass

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from sharpkd.data.degradation import center_crop
+from sharpkd.deploy.images import VIDEO_SUFFIXES, printable
 from sharpkd.errors import UserError
-from sharpkd.images import VIDEO_SUFFIXES, printable
 
 # What FFmpeg reads (the one list, images.py); a file with another suffix is not looked at.
 CLIP_SUFFIXES = VIDEO_SUFFIXES

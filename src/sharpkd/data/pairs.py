@@ -32,8 +32,8 @@ from sharpkd.data.teacher_only import (
     zoom_out_input,
     zoom_out_size,
 )
+from sharpkd.deploy.images import read_rgb, save_image
 from sharpkd.errors import UserError
-from sharpkd.images import read_rgb, save_image
 from sharpkd.progress import progress
 
 TEACHER_ONLY_KINDS = ("unlabeled", "frame", "zoom_in", "zoom_out")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from sharpkd.config import Params
+from sharpkd.deploy.images import ImageReadError, list_image_folder, printable, read_rgb
 from sharpkd.errors import UserError
 from sharpkd.fetch import DownloadError, download
-from sharpkd.images import ImageReadError, list_image_folder, printable, read_rgb
 
 # scikit-image's bundled colour photographs that load without a download.
 SAMPLE_PHOTOS = (

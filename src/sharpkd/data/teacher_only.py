@@ -29,8 +29,15 @@ import numpy as np
 from sharpkd.config import TeacherOnlyParams
 from sharpkd.data.degradation import center_crop, crop_to_multiple, resize
 from sharpkd.data.footage import CLIP_SUFFIXES, ClipReadError, frame_name, is_clip, sample_clip
+from sharpkd.deploy.images import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    list_files,
+    list_image_folder,
+    printable,
+    read_rgb,
+)
 from sharpkd.errors import UserError
-from sharpkd.images import IMAGE_SUFFIXES, ImageReadError, list_files, list_image_folder, printable, read_rgb
 
 KEY = "data.teacher_only.folder"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 FILE_FIELDS = ("path", "example")  # operation fields that name a file or folder
 
-SERVING_FLAVOR = "sharpkd.serving"  # the MLflow flavor of the registered student
+SERVING_FLAVOR = "sharpkd.deploy.serving"  # the MLflow flavor of the registered student
 
 
 def _file(op: dict, key: str, folder: Path | None) -> str:
@@ -122,7 +122,7 @@ def log_model(client, op: dict, onnx_path: str, example: Any) -> None:
 
     from sharpkd.tracking.registry import tag_new_version
 
-    # The flavor by name: serving runs the student through runtime and sharpen, which resolve
+    # The flavor by name: serving runs the student through the deploy wing, which resolves
     # `models:/` URIs through this package; a module-level import would make the two depend on each other.
     serving = importlib.import_module(SERVING_FLAVOR)
 

@@ -1,4 +1,9 @@
-"""Reading and writing images: one place that knows about modes, bit depths and bad files."""
+"""Reading and writing images: one place that knows about modes, bit depths and bad files.
+
+Greyscale files are read as RGB (three equal channels) and marked `grey`, so a caller can write them back
+as greyscale. 16-bit colour is read past Pillow (which decodes it at 8 bits) with OpenCV or tifffile where
+they are installed (the pipeline's install has both); the light install reads it at 8 bits and says so.
+16-bit greyscale and everything else needs only Pillow."""
 
 from __future__ import annotations
 
@@ -10,14 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sharpkd.errors import UserError
 from sharpkd.files import atomic_path
 
+SIXTEEN_BIT_COLOUR = (
+    "16-bit colour read as 8-bit (keeping 16 bits needs OpenCV: pip install opencv-python-headless)"
+)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
-# Video files (what FFmpeg reads): sharpened by sharpen/video.py, sampled for training by data/footage.py.
+# Video files (what FFmpeg reads): sharpened by deploy/transcode.py, sampled for training by data/footage.py.
 VIDEO_SUFFIXES = frozenset(
     {
         ".mp4",
@@ -73,6 +81,7 @@ class LoadedImage:
     rgb: np.ndarray  # HxWx3 uint8 (or uint16 when keep_16bit and the file is 16-bit)
     alpha: np.ndarray | None  # HxW, same dtype as rgb, when the file had alpha
     note: str  # what was converted, "" when nothing
+    grey: bool = False  # the file is greyscale (its three channels are equal)
 
     @property
     def bits(self) -> int:
@@ -181,7 +190,7 @@ def load_image(path: str | Path, keep_16bit: bool = False) -> LoadedImage:
         arr = np.asarray(im, dtype=np.float32)
         rgb = np.repeat(np.clip(arr, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
         notes.append("float grayscale converted to 8-bit RGB")
-        return LoadedImage(rgb, None, "; ".join(notes))
+        return LoadedImage(rgb, None, "; ".join(notes), grey=True)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         return _image_with_alpha(im, path, orientation, deep_tiff, keep_16bit, notes)
     return _rgb_image(im, path, orientation, deep_tiff, keep_16bit, notes)
@@ -195,9 +204,9 @@ def _gray16_image(im: Image.Image, keep_16bit: bool, notes: list[str]) -> Loaded
     rgb16 = np.repeat(arr16[..., None], 3, axis=2)
     notes.append("16-bit grayscale expanded to RGB")
     if keep_16bit:
-        return LoadedImage(rgb16, None, "; ".join(notes))
+        return LoadedImage(rgb16, None, "; ".join(notes), grey=True)
     notes.append("16-bit scaled to 8-bit")
-    return LoadedImage(_to8(rgb16), None, "; ".join(notes))
+    return LoadedImage(_to8(rgb16), None, "; ".join(notes), grey=True)
 
 
 def _image_with_alpha(
@@ -218,8 +227,10 @@ def _image_with_alpha(
         deep = _oriented(deep, orientation)
         return LoadedImage(deep[..., :3].copy(), deep[..., 3].copy(), "; ".join(notes))
     if sixteen:
-        notes.append("16-bit scaled to 8-bit")
-    return LoadedImage(rgb, alpha, "; ".join(notes))
+        notes.append(
+            SIXTEEN_BIT_COLOUR if keep_16bit and not _sixteen_bit_readers() else "16-bit scaled to 8-bit"
+        )
+    return LoadedImage(rgb, alpha, "; ".join(notes), grey=mode == "LA")
 
 
 def _rgb_image(
@@ -227,24 +238,28 @@ def _rgb_image(
 ) -> LoadedImage:
     """An image without transparency as RGB, 16 bits read past PIL when the file has them."""
     mode = im.mode
+    grey = mode in ("L", "1")
     if mode != "RGB":
-        if mode in ("L", "1"):
+        if grey:
             notes.append("grayscale expanded to RGB")
         else:
             notes.append(f"{mode} converted to RGB")
         im = im.convert("RGB")
     rgb = np.asarray(im)
     # PIL decodes 16-bit RGB PNGs only as 8-bit "RGB"; 48-bit TIFF/PNG via OpenCV keeps 16 bits.
-    if keep_16bit or deep_tiff or _is_16bit_png(path):
+    deep = deep_tiff or _is_16bit_png(path)
+    if keep_16bit or deep:
         rgb16 = _read_16bit_color(path)
         rgb16 = rgb16[..., :3] if rgb16 is not None else None
         if rgb16 is not None and rgb16.shape[:2] in (rgb.shape[:2], rgb.shape[1::-1]):
             rgb16 = _oriented(rgb16, orientation)
             if keep_16bit:
-                return LoadedImage(rgb16, None, "; ".join(notes))
+                return LoadedImage(rgb16, None, "; ".join(notes), grey)
             notes.append("16-bit scaled to 8-bit")
             rgb = _to8(rgb16)
-    return LoadedImage(np.ascontiguousarray(rgb), None, "; ".join(notes))
+        elif deep and keep_16bit and not _sixteen_bit_readers():
+            notes.append(SIXTEEN_BIT_COLOUR)
+    return LoadedImage(np.ascontiguousarray(rgb), None, "; ".join(notes), grey)
 
 
 def _oriented(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -276,9 +291,16 @@ def _is_16bit_png(path: Path) -> bool:
     return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[24] == 16 and head[25] in (2, 6)
 
 
+def _sixteen_bit_readers() -> bool:
+    """Whether OpenCV is installed (the pipeline's install): Pillow reads 48/64-bit colour only at 8 bits."""
+    import importlib.util
+
+    return importlib.util.find_spec("cv2") is not None
+
+
 def _read_16bit_color(path: Path) -> np.ndarray | None:
-    """HxWx3 uint16 RGB, or HxWx4 RGBA, as stored (no EXIF turning), or None. PIL reads 48/64-bit
-    colour only as 8-bit."""
+    """HxWx3 uint16 RGB, or HxWx4 RGBA, as stored (no EXIF turning), or None (also without OpenCV). PIL
+    reads 48/64-bit colour only as 8-bit."""
     if path.suffix.lower() in (".tif", ".tiff"):
         try:
             import tifffile  # comes with scikit-image; OpenCV fails on TIFFs with an Orientation tag
@@ -286,8 +308,10 @@ def _read_16bit_color(path: Path) -> np.ndarray | None:
             arr = tifffile.imread(path, key=0)
             if arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] in (3, 4):
                 return np.ascontiguousarray(arr)
-        except Exception:  # unusual compression or layout: let OpenCV try
+        except Exception:  # not installed, unusual compression or layout: let OpenCV try
             pass
+    if not _sixteen_bit_readers():
+        return None
     import cv2
 
     # Decoded from bytes read by Python: cv2.imread crashes the process (SIGSEGV) on a file name
@@ -308,7 +332,8 @@ def save_image(
     quality: int = 95,
     overwrite: bool = True,
 ) -> None:
-    """Write uint8 or uint16 RGB(+alpha) atomically; the format follows the suffix.
+    """Write uint8 or uint16 RGB (HxWx3) or greyscale (HxW), with alpha, atomically; the format follows the
+    suffix. 16-bit colour needs OpenCV; 16-bit greyscale is written by Pillow.
 
     `overwrite=False`: FileExistsError if `path` exists when the file is complete (see atomic_path).
     """
@@ -327,7 +352,14 @@ def save_image(
         raise UserError(
             f"{printable(path)}: unsupported output format '{suffix}' (use .png, .jpg, .webp, .tif)"
         )
+    if rgb.dtype == np.uint16 and rgb.ndim == 3 and not _sixteen_bit_readers():
+        raise UserError(
+            f"{printable(path)}: writing 16-bit colour needs OpenCV: pip install opencv-python-headless"
+        )
     with atomic_path(path, overwrite=overwrite) as tmp:
+        if rgb.ndim == 2:
+            _save_grey(tmp, fmt, rgb, alpha, quality)
+            return
         if rgb.dtype == np.uint16:
             import cv2
 
@@ -347,26 +379,14 @@ def save_image(
         im.save(tmp, format=fmt, **kwargs)
 
 
-# ------------------------------------------------------------- uint8 / float conversion (the one place)
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """HxWx3 (or NxHxWx3) uint8 / uint16 -> (N,3,H,W) float32 in [0,1] (N=1 for one image).
-
-    One image comes back contiguous (NCHW); a batch as a channels-last view of the NHWC array, as the
-    stages have always fed their batches (a conv's float rounding depends on the memory layout, so
-    changing either would change cached and trained outputs in the last bit).
-    """
-    peak = 65535.0 if img.dtype == np.uint16 else 255.0
-    arr = np.ascontiguousarray(img[None] if img.ndim == 3 else img)
-    if not arr.flags.writeable:  # a memory-mapped or read-only array: torch wants memory it may write
-        arr = arr.copy()
-    t = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(peak)
-    return t.contiguous() if img.ndim == 3 else t
-
-
-def to_image(t: torch.Tensor, bits: int = 8) -> np.ndarray:
-    """(1,3,H,W) or (3,H,W) float in [0,1] -> HxWx3 uint8 (or uint16 when bits=16), rounded."""
-    peak = 65535.0 if bits == 16 else 255.0
-    arr = t.detach().float().clamp(0, 1).mul(peak).round().squeeze(0).permute(1, 2, 0).cpu().numpy()
-    return arr.astype(np.uint16 if bits == 16 else np.uint8)
+def _save_grey(tmp: Path, fmt: str, grey: np.ndarray, alpha: np.ndarray | None, quality: int) -> None:
+    """A greyscale image: mode L (LA with alpha), or I;16 for 16 bits (PNG and TIFF hold 16-bit grey)."""
+    if grey.dtype == np.uint16:
+        im = Image.fromarray(grey)  # I;16 (Pillow infers it from uint16; newer Pillow refuses the mode name)
+    elif alpha is not None and fmt != "JPEG":
+        im = Image.merge("LA", [Image.fromarray(grey, "L"), Image.fromarray(alpha.astype(np.uint8), "L")])
+        im = im.convert("RGBA") if fmt == "BMP" else im  # BMP has no grey + alpha mode
+    else:
+        im = Image.fromarray(grey, "L")
+    kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    im.save(tmp, format=fmt, **kwargs)

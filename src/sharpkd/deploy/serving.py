@@ -1,7 +1,7 @@
 """The registered student as an MLflow model that `mlflow models serve` serves: image bytes in, PNG out.
 
 This module is the model's MLflow flavor (tracking/runs.py logs it with `Model.log(flavor=serving)`)
-and its pyfunc loader (`loader_module: sharpkd.serving` in the MLmodel file):
+and its pyfunc loader (`loader_module: sharpkd.deploy.serving` in the MLmodel file):
 
 - the model folder holds the export's float32 ONNX file (`data/student.onnx`), listed under two
   flavors: `python_function` (this loader) and `onnx` (so `mlflow.onnx.load_model` also opens it);
@@ -10,11 +10,12 @@ and its pyfunc loader (`loader_module: sharpkd.serving` in the MLmodel file):
   scoring server decodes (a str value given to `predict` directly is base64-decoded here as well);
 - output: a DataFrame with the column `image`, each value the sharpened image as PNG bytes (base64
   text in the server's JSON reply), the size of its input;
-- params `tile` / `overlap` (defaults: the export's `infer.tile` / `infer.overlap`).
+- params `tile` / `overlap` (defaults: the export's `infer.tile` / `infer.overlap`, else tiling.DEFAULT_TILE).
 
 Every image goes through `sharpen.sharpen_image`, the function `sharpkd sharpen` runs, on the ONNX
-file opened by `runtime.load_model`: the server's reply is the file `sharpkd sharpen` writes.
-The loader imports sharpkd, so serve from the project's environment: `--env-manager local`.
+file opened by `models.load_model`: the server's reply is the file `sharpkd sharpen` writes.
+The loader imports sharpkd (its light install and MLflow: `pip install 'sharpkd[serve]'`), so serve from
+that environment: `--env-manager local`.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from sharpkd.deploy.pixels import batch_to_image
+from sharpkd.deploy.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling
 from sharpkd.errors import UserError
 
 COLUMN = "image"
 # PIL format -> the suffix the input is written under (load_image reads TIFFs' 16 bits by suffix).
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp", "PPM": ".ppm"}
-_REQUIREMENTS = ("mlflow", "onnxruntime", "torch", "numpy", "pandas", "pillow")
+_REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pandas", "pillow", "av")
 
 
 def png_bytes(example: Any) -> bytes:
@@ -46,7 +49,7 @@ def png_bytes(example: Any) -> bytes:
         return example
     arr = np.asarray(example)
     if arr.dtype != np.uint8:
-        arr = np.clip(arr.reshape(arr.shape[-3:]).transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
+        arr = batch_to_image(arr.reshape(arr.shape[-3:]))
     buf = io.BytesIO()
     Image.fromarray(arr, "RGB").save(buf, format="PNG")
     return buf.getvalue()
@@ -82,9 +85,7 @@ def save_model(
     import pandas as pd
     from mlflow.models import Model
 
-    from sharpkd.sharpen import CLI_OVERLAP, CLI_TILE
-
-    tile, overlap = tiling or (CLI_TILE, CLI_OVERLAP)
+    tile, overlap = tiling or (DEFAULT_TILE, DEFAULT_OVERLAP)
     mlflow_model = mlflow_model or Model()
     example = example if example is not None else np.full((16, 16, 3), 128, np.uint8)
     with warnings.catch_warnings():
@@ -145,7 +146,7 @@ class SharpenModel:
     """The pyfunc implementation: each image through `sharpkd sharpen`'s own image path."""
 
     def __init__(self, onnx_path: Path):
-        from sharpkd.runtime import load_model
+        from sharpkd.deploy.models import load_model
 
         self.model = load_model(onnx_path, "cpu")
 
@@ -154,10 +155,8 @@ class SharpenModel:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from sharpkd.sharpen import CLI_OVERLAP, CLI_TILE
-
         params = params or {}
-        tile, overlap = int(params.get("tile") or CLI_TILE), int(params.get("overlap", CLI_OVERLAP))
+        tile, overlap = int(params.get("tile") or DEFAULT_TILE), int(params.get("overlap", DEFAULT_OVERLAP))
         out = []
         for i, value in enumerate(_values(model_input)):
             try:
@@ -170,10 +169,10 @@ class SharpenModel:
         """Encoded image -> the PNG `sharpkd sharpen` writes for it."""
         from PIL import Image, UnidentifiedImageError
 
-        from sharpkd.sharpen import Job, sharpen_image
+        from sharpkd.deploy.jobs import Job
+        from sharpkd.deploy.sharpen import sharpen_image
 
-        if tile < 16 or not 0 <= overlap < tile:
-            raise UserError(f"tile must be at least 16 and 0 <= overlap < tile, got {tile}, {overlap}")
+        check_tiling(tile, overlap)
         try:
             with Image.open(io.BytesIO(data)) as im:
                 suffix = _SUFFIXES.get(im.format or "", ".png")

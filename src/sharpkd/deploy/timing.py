@@ -1,7 +1,7 @@
-"""The one timing path: every speed figure the pipeline reports (evaluate, export, `sharpkd bench`,
-scripts/sweep_table.py) is measured and named here.
+"""The one timing path: every speed figure (evaluate, export, `sharpkd bench`, scripts/sweep_table.py) is
+measured and named here.
 
-- Sizes are (height, width), like the tensors; `FRAME_1080P` is the reference frame.
+- Sizes are (height, width), like the arrays; `FRAME_1080P` is the reference frame.
 - A figure is "frame in, frame out": a frame in host memory goes through the model and comes back to
   host memory, in the model's own pixel type (float32; uint8 for the INT8 export, as video frames are
   decoded and encoded); one untimed warm-up, then the median of `repeats` (`time_ms`). A `Target` builds
@@ -9,6 +9,7 @@ scripts/sweep_table.py) is measured and named here.
   at a time: an idle session's threads keep spinning and would slow the one being timed.
 - Keys: `speed.<model>.<runtime>_<device>[_<precision>].<size>.{ms,fps,reason}`, e.g.
   `speed.student.onnxruntime_cpu_int8.1080p.ms` (`speed_figures`; no precision suffix for fp32).
+- Torch targets (the pipeline's eager student, its teacher) are made in sharpkd.torch_timing.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+
+from sharpkd.deploy.sessions import OnnxFunction, ort_session
 
 FRAME_1080P = (1080, 1920)  # (height, width)
 SIZES = {"720p": (720, 1280), "1080p": FRAME_1080P, "4k": (2160, 3840), "2160p": (2160, 3840)}
@@ -35,14 +37,6 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def device_name(device: str | torch.device) -> str:
-    """'cpu: <model name>' or 'cuda: <GPU name>': where a figure was measured."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {cpu_name()}"
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -88,25 +82,20 @@ def speed_figures(
     return {speed_key(name, size, "ms"): round(ms, 3), speed_key(name, size, "fps"): round(1000.0 / ms, 2)}
 
 
-def frame(size: tuple[int, int] = FRAME_1080P, seed: int = 0) -> torch.Tensor:
+def frame(size: tuple[int, int] = FRAME_1080P, seed: int = 0) -> np.ndarray:
     """A (1,3,H,W) float32 frame in [0,1] in host memory (its content does not change a timing)."""
-    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def downscale(x: torch.Tensor, scale: int) -> torch.Tensor:
-    """A frame's low-resolution version (antialiased bicubic), for what takes one: the teacher, a resize."""
-    return F.interpolate(x, scale_factor=1 / scale, mode="bicubic", antialias=True).clamp(0, 1)
+    return np.random.default_rng(seed).random((1, 3, *size), dtype=np.float32)
 
 
 @dataclass
 class Target:
-    """One thing to time: `make(x)` returns a zero-argument callable running frame `x` (1,3,H,W on the CPU)."""
+    """One thing to time: `make(x)` returns a zero-argument callable running frame `x` ((1,3,H,W) float32)."""
 
     model: str  # student | teacher | bicubic
-    runtime: str  # torch | torchscript | onnxruntime | resize
+    runtime: str  # torch | torchscript | onnxruntime | resize | video
     device: str  # cpu | cuda
     precision: str  # fp32 | fp16 | int8
-    make: Callable[[torch.Tensor], Callable[[], object]]
+    make: Callable[[np.ndarray], Callable[[], object]]
     how: str = "full frame"
     warmup: int = 1
 
@@ -115,14 +104,13 @@ class Target:
         return figure_name(self.model, self.runtime, self.device, self.precision)
 
 
-def time_target(target: Target, x: torch.Tensor, repeats: int) -> float:
+def time_target(target: Target, x: np.ndarray, repeats: int) -> float:
     """ms per frame `x` of `target`; what `make` built is released before the next target is built."""
-    with torch.no_grad():
-        fn = target.make(x)
-        try:
-            return time_ms(fn, repeats, target.warmup)
-        finally:
-            del fn
+    fn = target.make(x)
+    try:
+        return time_ms(fn, repeats, target.warmup)
+    finally:
+        del fn
 
 
 def measure(targets: list[Target], repeats: int, size: tuple[int, int] = FRAME_1080P) -> dict:
@@ -134,36 +122,23 @@ def measure(targets: list[Target], repeats: int, size: tuple[int, int] = FRAME_1
     return out
 
 
-def torch_target(
-    model: str, runtime: str, module: Callable, device: str, half: bool = False, how: str = "full frame"
-) -> Target:
-    """A torch module (eager or TorchScript) on `device`: the frame is copied there and its output back."""
+def onnx_target(path: str | Path, device: str, threads: int) -> Target:
+    """The timing target of an ONNX student: a fresh session per timing, released after it.
 
-    def make(x: torch.Tensor):
-        dtype = torch.float16 if half else torch.float32
-        return lambda: module(x.to(device, dtype)).float().cpu()
+    The file is opened once now, so a bad one fails before any timing; its precision comes from the
+    metadata export.py and quantize.py write, else from its input type. The frame goes in and comes out
+    in the model's own pixel type (float32, float16, or uint8 for the INT8 export, as a video frame is
+    decoded and encoded): the conversion from float32 is not timed.
+    """
+    path = Path(path)
+    fn = OnnxFunction(ort_session(path, device, threads))
+    recorded = fn.session.get_modelmeta().custom_metadata_map.get("sharpkd.precision")
+    precision = recorded or ("fp16" if fn.input_type == "float16" else "fp32")
+    del fn
 
-    return Target(model, runtime, str(device), "fp16" if half else "fp32", make, how)
+    def make(x: np.ndarray):
+        session = OnnxFunction(ort_session(path, device, threads))
+        arr = session.native(x)
+        return lambda: session.run_native(arr)
 
-
-def tiled_target(model: str, module: Callable, scale: int, device: str, tile: int, overlap: int, how: str):
-    """A model from the low-resolution image to the frame (the teacher), run tiled as the pipeline runs it;
-    it sees the frame downscaled by `scale`. Warmed up on one tile only: a whole extra frame costs a minute
-    for SwinIR-M on a CPU."""
-    from sharpkd.inference import tiled_apply
-
-    def make(x: torch.Tensor):
-        lr = downscale(x, scale)
-        tiled_apply(module, lr[..., :tile, :tile], scale=scale, tile=tile, overlap=overlap, device=device)
-        return lambda: tiled_apply(module, lr, scale=scale, tile=tile, overlap=overlap, device=device)
-
-    return Target(model, "torch", str(device), "fp32", make, how, warmup=0)
-
-
-def timing_context(repeats: int, device: str | torch.device = "cpu") -> dict:
-    """Where and how the figures were measured: `timing.device`, `timing.torch_threads`, `timing.repeats`."""
-    return {
-        "timing.device": device_name(device),
-        "timing.torch_threads": torch.get_num_threads(),
-        "timing.repeats": repeats,
-    }
+    return Target("student", "onnxruntime", device, precision, make)
