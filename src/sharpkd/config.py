@@ -537,12 +537,105 @@ def params_from_dict(raw: Any) -> Params:
     return params
 
 
+# Bounds of the YAML files the project reads (params.yaml, profiles, MLmodel): a few KB and a few hundred
+# values each. Aliases are counted as the values they stand for, so a "billion laughs" (aliases of
+# aliases) is refused while it is still a small node graph, before anything is expanded.
+YAML_MAX_BYTES = 4 * 2**20
+YAML_MAX_VALUES = 100_000
+
+
+class YamlRefused(yaml.YAMLError):
+    """A YAML text the project will not read: a duplicate key, too many values, a self-reference."""
+
+
+def _expanded_values(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` stands for with every alias written out (memoised: linear in the graph)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        raise YamlRefused(f"the alias on line {node.start_mark.line + 1} refers to a value that holds it")
+    open_.add(id(node))
+    children: list = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1
+    for child in children:
+        total += _expanded_values(child, memo, open_)
+        if total > YAML_MAX_VALUES:
+            raise YamlRefused(
+                f"it stands for more than {YAML_MAX_VALUES} values once its aliases are written out "
+                "(aliases of aliases: a YAML 'billion laughs'?); write the values out"
+            )
+    open_.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last, silently) and
+    a document whose aliases expand past YAML_MAX_VALUES values."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _expanded_values(node, {}, set())
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader names it
+                    continue
+                if first is not None:
+                    raise YamlRefused(
+                        f"the key {key!r} is given twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
+                        "give each key once"
+                    )
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats without a dot (`1e-05`): DVC (ruamel) writes `dvc exp run -S distill.lr=1e-5` so, and
+# PyYAML (YAML 1.1) would read it back as a string.
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text as StrictLoader reads it (a refused text is YamlRefused; bad YAML is yaml.YAMLError)."""
+    if len(text) > YAML_MAX_BYTES:
+        raise YamlRefused(f"it is larger than {YAML_MAX_BYTES // 2**20} MiB")
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # StrictLoader is a SafeLoader
+    except RecursionError:
+        raise YamlRefused("it is nested too deeply") from None
+
+
 def read_yaml(path: Path, what: str, error: type[UserError] = UserError, hint: str = "") -> Any:
-    """A YAML file's content; a missing or malformed file is `error` naming `what` and the path."""
+    """A YAML file's content; a missing, malformed or refused file (StrictLoader, the size bound) is
+    `error` naming `what` and the path."""
     if not path.is_file():
         raise error(f"{what}: {path} not found{hint}")
+    size = path.stat().st_size
+    if size > YAML_MAX_BYTES:
+        raise error(
+            f"{what}: {path} is {size} bytes; a YAML file the project reads is at most {YAML_MAX_BYTES}"
+        )
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{what}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except YamlRefused as exc:
+        raise error(f"{what}: {path} is refused: {exc}") from None
     except yaml.YAMLError as exc:
         raise error(f"{what}: {path} is not valid YAML: {exc}") from None
 
