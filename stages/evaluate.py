@@ -3,7 +3,7 @@
 Three methods are scored against HR (sharpkd.evaluation): the degraded input itself ("bicubic"), the
 teacher (its cached output for the validation split, tiled inference on the clean LR image for the
 extra sets, as cache_teacher does) and the student (tiled inference on the degraded input). Speed is
-one 1080p frame on the device the stage runs on (sharpkd.timing: `speed.<method>.<runtime>_<device>.1080p.ms`).
+one 1080p frame on the device the stage runs on (sharpkd.deploy.timing: `speed.<method>.<runtime>_<device>.1080p.ms`).
 
 Writes (metrics/): eval.json (flat keys for `dvc exp show`), per_image.csv,
 quality_speed.csv (DVC plot data) and compare/*.png (aligned crops; quality vs speed: sharpkd.report).

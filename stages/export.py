@@ -1,5 +1,5 @@
 """DVC stage `export`: the trained student as ONNX (float32, float16, INT8) and TorchScript, checked against
-PyTorch, timed (sharpkd.timing), described by a model card (sharpkd.model_card) -> models/export/,
+PyTorch, timed (sharpkd.deploy.timing), described by a model card (sharpkd.model_card) -> models/export/,
 metrics/export.json."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
     tracker.log_metrics({f"export.{k}": float(v) for k, v in numeric.items()})
     tracker.log_artifact(paths.export / "model_card.md")
     example = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    # Registered for `sharpkd sharpen --model models:/...` and `mlflow models serve` (sharpkd.serving).
+    # Registered for `sharpkd sharpen --model models:/...` and `mlflow models serve` (sharpkd.deploy.serving).
     tiling = (params.infer.tile, params.infer.overlap)
     tracker.log_onnx_model(paths.export / "student.onnx", example, tiling=tiling)
     return metrics

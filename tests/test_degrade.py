@@ -74,7 +74,7 @@ def test_bicubic_set5_x4_matches_published_baseline():
 
 
 def test_bicubic_downscale_matches_matlab_lr():
-    """Our (PIL, float) bicubic downscale against MATLAB's imresize LR images: 50-56 dB (DESIGN.md)."""
+    """Our (PIL, float) bicubic downscale against MATLAB's imresize LR images: 50-56 dB."""
     psnrs = []
     for path in _set5_pairs():
         lr_path = SET5 / "LR_bicubic" / "X4" / f"{path.stem}x4.png"

@@ -196,7 +196,7 @@ def _div2k_params(base_url: str, cache: Path, train_count: int = 2, valid_count:
 
 
 def test_div2k_tables_match_design():
-    """The md5s and sizes in sources.py are those of DESIGN.md (train: size and md5; valid: md5 only)."""
+    """The md5s and sizes in sources.py are those the DIV2K site lists (train: size and md5; valid: md5 only)."""
     assert sources.DIV2K_ZIPS["train"] == (
         "DIV2K_train_HR.zip",
         3_530_603_713,

@@ -748,7 +748,7 @@ def test_pipeline_and_queued_experiments_are_tracked(repo):
             [exp.experiment_id], filter_string=f"source_run_id = '{export.info.run_id}'"
         )
         info = Model.load(Path(urlparse(model.artifact_location).path) / "MLmodel")
-        # Servable (sharpkd.serving: image bytes in, PNG out; tests/test_registry.py) and still ONNX.
+        # Servable (sharpkd.deploy.serving: image bytes in, PNG out; tests/test_registry.py) and still ONNX.
         assert {"onnx", "python_function"} <= set(info.flavors)
         assert info.signature.inputs.input_names() == ["image"]
         assert info.saved_input_example_info["type"] == "dataframe"

@@ -1,4 +1,4 @@
-"""Video through PyAV (video.py): `sharpkd sharpen clip` keeps frames, size, timing, audio, subtitles,
+"""Video through PyAV (deploy/transcode.py): `sharpkd sharpen clip` keeps frames, size, timing, audio, subtitles,
 rotation and colour tags; damaged frames are skipped and reported; the threads stop on any failure;
 `sharpkd bench --video`. Every clip is made here with PyAV."""
 

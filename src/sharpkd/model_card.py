@@ -157,7 +157,8 @@ def model_card(
             "pixel-shuffle -> + input (global residual); any input size (replicate-padded to a multiple "
             "of scale inside the model, cropped back)",
         },
-        "io": "input (N,3,H,W) float RGB in [0,1], output the same shape (float16 in and out for student_fp16.onnx)",
+        "io": "input (N,3,H,W) RGB, output the same shape: float32 in [0,1] for student.onnx, float16 for "
+        "student_fp16.onnx, uint8 (0-255) in and out for student_int8.onnx",
         "params": n_params,
         "macs_1080p": macs,
         "gmacs_1080p": round(macs / 1e9, 3),

@@ -15,13 +15,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
 
 import yaml
 
 from sharpkd.config import Params, load_params
 from sharpkd.errors import UserError
 from sharpkd.files import remove_stale_temps
+from sharpkd.tracking.runs import Tracker
 
 
 @dataclass(frozen=True)
@@ -41,22 +41,6 @@ class StagePaths:
     def under(cls, root: str | Path) -> StagePaths:
         """The same layout under another root (tests, a copy of the pipeline)."""
         return cls(**{f.name: Path(root) / getattr(cls, f.name) for f in fields(cls)})
-
-
-class Tracker(Protocol):
-    """What a stage may record (tracking.NullTracker does nothing, tracking.MlflowTracker logs to MLflow)."""
-
-    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None: ...
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-
-    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None: ...
-
-    def log_onnx_model(self, onnx_path: str | Path, input_example: Any = None, **options: Any) -> None: ...
 
 
 StageFn = Callable[[Params, StagePaths, Tracker], dict]

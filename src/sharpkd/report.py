@@ -1,5 +1,5 @@
 """The evaluate stage's pictures: aligned crops of each method beside HR, and PSNR against ms per 1080p
-frame with the published x4 anchors (DESIGN.md) -> metrics/compare/*.png."""
+frame with the published x4 anchors (their sources below) -> metrics/compare/*.png."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from sharpkd.deploy.images import printable
 
 CAPTIONS = {"bicubic": "input (bicubic)", "teacher": "teacher", "student": "student"}
-# DESIGN.md: published Set5 / Set14 x4 numbers (PSNR dB, SSIM), for the quality-vs-speed plot.
+# Published Set5 / Set14 x4 numbers (PSNR dB, SSIM), for the quality-vs-speed plot.
 PUBLISHED_X4 = {
     "Set5": {
         "bicubic": (28.42, 0.8104),

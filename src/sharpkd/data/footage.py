@@ -28,7 +28,7 @@ from sharpkd.data.degradation import center_crop
 from sharpkd.deploy.images import VIDEO_SUFFIXES, printable
 from sharpkd.errors import UserError
 
-# What FFmpeg reads (the one list, images.py); a file with another suffix is not looked at.
+# What FFmpeg reads (the one list, deploy/images.py); a file with another suffix is not looked at.
 CLIP_SUFFIXES = VIDEO_SUFFIXES
 
 

@@ -33,7 +33,7 @@ SAMPLE_PHOTOS = (
     "immunohistochemistry",
 )
 
-# split -> (zip file, expected bytes or None, md5), as in DESIGN.md (which gives no size for the valid zip:
+# split -> (zip file, expected bytes or None, md5), as the DIV2K site lists them (no size is given for the valid zip:
 # its md5 alone verifies it). Tests point base_url at a local server and patch this.
 DIV2K_ZIPS = {
     "train": ("DIV2K_train_HR.zip", 3_530_603_713, "bdc2d9338d4e574fe81bf7d158758658"),

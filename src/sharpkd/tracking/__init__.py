@@ -57,7 +57,7 @@ What is logged
     the parent so the runs table compares executions. None values are skipped. Artifacts: what
     the stage logs, plus the stage's DVC metrics and plots files (`dvc/`) and PNG renderings of
     its plots (`plots/`). `log_onnx_model` logs the ONNX student as an MLflow model that
-    `mlflow models serve` serves (sharpkd.serving: image bytes in, PNG out; also the `onnx`
+    `mlflow models serve` serves (sharpkd.deploy.serving: image bytes in, PNG out; also the `onnx`
     flavor) and registers it as a new version of `tracking.registered_model`, moving the alias
     `challenger` to it (and `champion` while there is none; registry.py).
 
@@ -70,13 +70,14 @@ Concurrency
 """
 
 from sharpkd.tracking.context import execution_key, param_text
-from sharpkd.tracking.runs import MlflowTracker, NullTracker, stage_run
+from sharpkd.tracking.runs import MlflowTracker, NullTracker, Tracker, stage_run
 from sharpkd.tracking.store import Store, project_root, resolve_store
 from sharpkd.tracking.ui import ui_command
 
 __all__ = [
     "MlflowTracker",
     "NullTracker",
+    "Tracker",
     "Store",
     "param_text",
     "execution_key",

@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sharpkd.config import Params, flatten
 from sharpkd.errors import UserError
@@ -46,8 +46,8 @@ _FLUSH_EVERY_S = 10.0  # step metrics are batched; the UI still sees training pr
 _FLUSH_AT = 500
 
 
-class NullTracker:
-    """What a stage may record. Methods are no-ops when tracking is disabled."""
+class Tracker(Protocol):
+    """What a stage may record (the type of the tracker every stage receives, pipeline.StageFn)."""
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None: ...
 
@@ -60,6 +60,10 @@ class NullTracker:
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None: ...
 
     def log_onnx_model(self, onnx_path: str | Path, input_example: Any = None, **options: Any) -> None: ...
+
+
+class NullTracker(Tracker):
+    """A Tracker that records nothing (tracking disabled): the Protocol's methods, inherited, do nothing."""
 
 
 class MlflowTracker(NullTracker):
@@ -170,7 +174,7 @@ class MlflowTracker(NullTracker):
         register: bool = True,
         tiling: tuple[int, int] | None = None,
     ) -> None:
-        """Log the ONNX student as an MLflow model that `mlflow models serve` serves (sharpkd.serving:
+        """Log the ONNX student as an MLflow model that `mlflow models serve` serves (sharpkd.deploy.serving:
         image bytes in, PNG out; also the `onnx` flavor) and register it as a new version of
         tracking.registered_model, with the aliases of tracking/registry.py (ops.log_model)."""
         tags = {k: self.context_tags[k] for k in ("git.commit", "dvc.exp_name") if self.context_tags.get(k)}
