@@ -27,7 +27,7 @@ class Verification:
     """How the file was checked: its sha256 and where it came from."""
 
     sha256: str
-    source: str  # "given", "this checkout's export", "models:/<name>/<version> (MLflow registry)"
+    source: str  # "given", "this checkout's export", "zoo:NAME, ...", "models:/<name>/<version> (MLflow registry)"
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class Model:
         return dataclasses.replace(self, run=fn, threads=threads, spinning=spinning)
 
     def describe(self) -> str:
-        return f"{self.path} ({self.kind}, {self.device})"
+        return f"{self.path} ({self.kind}, {self.device}; {self.verification.source})"
 
 
 def _size_problem(x: np.ndarray, y) -> str | None:

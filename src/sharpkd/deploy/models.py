@@ -1,8 +1,9 @@
 """What `--model` means, and the model it opens: one typed descriptor (`Model`) that sharpen, video,
 serving and bench take.
 
-- `resolve_model` is the one place a model spec becomes a file: a path as it is, a registered student
-  (`models:/<name>/<version>`, needs MLflow), or, given nothing, this checkout's export.
+- `resolve_model` is the one place a model spec becomes a file: a path as it is, a zoo student
+  (`zoo:NAME`, sharpkd.deploy.zoo), a registered student (`models:/<name>/<version>`, needs MLflow), or,
+  given nothing, this checkout's export, else the zoo's default student.
 - `load_model` opens a .onnx with ONNX Runtime (sharpkd.deploy.sessions); a TorchScript .pt or a student
   .pth needs torch (sharpkd.deploy.torch_models, imported only then). Every model is run once on a small
   test image before any output is written: its output must be the input's size and finite.
@@ -14,6 +15,7 @@ import hashlib
 import importlib
 from pathlib import Path
 
+from sharpkd.deploy import zoo
 from sharpkd.deploy.checkout import DEFAULT_MODELS, checkout_root
 from sharpkd.deploy.descriptor import ANY_SCALE_GRID, Model, Verification
 from sharpkd.deploy.sessions import OnnxFunction, ort_session, providers_for
@@ -27,11 +29,16 @@ REGISTRY = "sharpkd.tracking.registry"
 
 
 def resolve_model(spec: str | Path | None) -> tuple[Path, str]:
-    """(file, where it came from) for what `--model` names: a path as it is; a registered student,
-    `models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>`, fetched from the
-    project's MLflow store into a local cache (needs MLflow); nothing: the exported student of the current
-    checkout (models/export/student_int8.onnx, else student.onnx, found from the checkout's root)."""
+    """(file, where it came from) for what `--model` names: a path as it is; a zoo student, `zoo:NAME`
+    (its INT8 ONNX, checked against the zoo card's sha256); a registered student, `models:/<name>/<version>`,
+    `models:/<name>/latest` or `models:/<name>@<alias>`, fetched from the project's MLflow store into a local
+    cache (needs MLflow); nothing: the exported student of the current checkout
+    (models/export/student_int8.onnx, else student.onnx, found from the checkout's root), else the zoo's
+    default student."""
     if spec is not None and str(spec) != "":
+        if zoo.is_zoo(str(spec)):
+            found = zoo.zoo_file(str(spec))
+            return found.path, f"{found.spec}, the zoo's INT8 student"
         if not str(spec).startswith("models:/"):
             return Path(spec), "given"
         try:
@@ -46,12 +53,9 @@ def resolve_model(spec: str | Path | None) -> tuple[Path, str]:
     for rel in DEFAULT_MODELS:
         if root is not None and (root / rel).is_file():
             return root / rel, "this checkout's export"
-    where = f"in the checkout at {root}" if root is not None else "here (not in a git checkout)"
-    raise UserError(
-        f"no model given, and no exported student {where} (models/export/student_int8.onnx or "
-        "student.onnx, which `dvc repro export` writes); pass --model PATH to a .onnx file "
-        "(e.g. student_int8.onnx), a .pt or .pth, or a registered student models:/<name>/<version>"
-    )
+    found = zoo.zoo_file(zoo.PREFIX + zoo.DEFAULT)
+    where = f"the checkout at {root}" if root is not None else "here"
+    return found.path, f"{found.spec}, the zoo's default (no exported student in {where}; --model to choose)"
 
 
 def model_kind(path: str | Path) -> tuple[Path, str]:
