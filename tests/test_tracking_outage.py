@@ -287,3 +287,158 @@ def test_kept_operations_can_be_sent_by_hand(project, server):
     assert "tracking: sent what the distill stage had kept in metrics/unlogged/distill-" in res.stdout
     assert not (project / "metrics" / "unlogged").exists()
     _recorded(MlflowClient(server.uri))
+
+
+# --------------------------------------------------------------------------- issue 40 (hardening, round 4)
+
+
+def _outbox(root: Path, lines: list[str], name: str = "distill-x") -> Path:
+    """An outbox under root/metrics/unlogged whose stage process has ended, holding `lines` after the header."""
+    from sharpkd.tracking.store import resolve_store
+
+    folder = root / "metrics" / "unlogged" / name
+    (folder / "files" / "1").mkdir(parents=True)
+    (folder / "files" / "1" / "note.txt").write_text("kept")
+    store = resolve_store(None, root)
+    # This process with another start time: a stage process that has ended.
+    header = {
+        "op": "header",
+        "store": store.uri,
+        "stage": "distill",
+        "process": f"{socket.gethostname()}:{os.getpid()}:1",
+    }
+    (folder / "ops.jsonl").write_text("\n".join([json.dumps(header), *lines]) + "\n")
+    return folder
+
+
+@pytest.fixture
+def root(no_mlflow_env, request) -> Path:
+    """test_tracking's project root (dvc.yaml, a ready store, no DVC/MLflow settings)."""
+    return request.getfixturevalue("workdir")
+
+
+def _a_run(root: Path) -> tuple[MlflowClient, str]:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.create_experiment("sharpkd", artifact_location=(root / "mlartifacts").as_uri())
+    return client, client.create_run(exp).info.run_id
+
+
+def _send(root: Path) -> list[str]:
+    from sharpkd.tracking.outage import send_pending
+    from sharpkd.tracking.store import LockedClient, resolve_store
+
+    return send_pending(LockedClient(resolve_store(None, root)), root)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/hostname",
+        "../../../../etc/hostname",
+        "files/1/../../../../etc/hostname",
+        "files/link",
+        "files/dir",
+    ],
+)
+@pytest.mark.parametrize("op", ["artifact", "artifacts", "model"])
+def test_row08_the_outbox_replay_sends_only_copies_inside_it(root, path, op):
+    """A line naming a file outside the outbox's files/ (absolute, `../`, a link out, a folder holding one)
+    sends nothing: one warning naming the line, the outbox kept; no file from outside is uploaded."""
+    client, run = _a_run(root)
+    secret = root / "secret.txt"
+    secret.write_text("secret")
+    ops = [
+        json.dumps({"op": "metrics", "run": run, "items": [["a", 1.0, 0, 0]]}),
+        json.dumps({"op": op, "run": run, "path": path, "dest": "x", "name": None, "experiment": "0"}),
+    ]
+    folder = _outbox(root, ops)
+    (folder / "files" / "link").symlink_to(secret)
+    (folder / "files" / "dir").mkdir()
+    (folder / "files" / "dir" / "in.txt").symlink_to(secret)
+    (note,) = _send(root)
+    assert note.startswith("warning: tracking: metrics/unlogged/distill-x/ops.jsonl: line 3: its path"), note
+    assert "nothing was sent from it and it is kept" in note
+    assert folder.is_dir() and client.list_artifacts(run) == [] and client.get_run(run).data.metrics == {}
+
+
+@pytest.mark.parametrize("dest", ["../../escape", "/abs", "a/../../b"])
+def test_row08_an_artifact_destination_stays_inside_the_run(root, dest):
+    client, run = _a_run(root)
+    folder = _outbox(
+        root, [json.dumps({"op": "artifact", "run": run, "path": "files/1/note.txt", "dest": dest})]
+    )
+    (note,) = _send(root)
+    assert "line 2: its artifact destination" in note and folder.is_dir()
+    assert not list(root.rglob("escape")) and client.list_artifacts(run) == []
+
+
+def test_row08_the_outbox_is_git_ignored():
+    from helpers import REPO
+
+    assert "/metrics/unlogged/" in (REPO / ".gitignore").read_text().splitlines()
+    probe = subprocess.run(
+        ["git", "check-ignore", "-q", "--no-index", "metrics/unlogged/distill-x/ops.jsonl"], cwd=REPO
+    )
+    assert probe.returncode == 0
+
+
+def test_row08_a_good_outbox_is_still_sent(root):
+    """The checks leave the ordinary case alone, a last line cut short by a kill included."""
+    client, run = _a_run(root)
+    folder = _outbox(
+        root,
+        [
+            json.dumps({"op": "metrics", "run": run, "items": [["a", 1.0, 0, 0]]}),
+            json.dumps({"op": "artifact", "run": run, "path": "files/1/note.txt", "dest": "notes"}),
+        ],
+    )
+    with (folder / "ops.jsonl").open("a") as f:
+        f.write('{"op": "metrics", "run": "')  # its writer was killed here
+    (note,) = _send(root)
+    assert note == "tracking: sent what the distill stage had kept in metrics/unlogged/distill-x/", note
+    assert not folder.exists() and [a.path for a in client.list_artifacts(run)] == ["notes"]
+    assert client.get_run(run).data.metrics == {"a": 1.0}
+
+
+def _send_by_hand(root: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python -m sharpkd.tracking` in `root` (in this process: a new one takes a minute on a busy machine)."""
+    from sharpkd.tracking.__main__ import main
+
+    monkeypatch.chdir(root)
+    capsys.readouterr()
+    status = main()
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("where", ["middle", "header", "utf8"])
+def test_row09_a_damaged_outbox_is_named_kept_and_exits_1(root, monkeypatch, capsys, where):
+    """A damaged line (not a last line cut short) or header: nothing is sent, the damage is named, the
+    folder stays, `python -m sharpkd.tracking` exits 1 and never says "nothing is kept"."""
+    client, run = _a_run(root)
+    good = json.dumps({"op": "metrics", "run": run, "items": [["a", 1.0, 0, 0]]})
+    folder = _outbox(root, [good, '{"op": "metrics", "ru', good])
+    lines = (folder / "ops.jsonl").read_text().splitlines()
+    if where == "header":
+        (folder / "ops.jsonl").write_text("\n".join(['{"op": "head', lines[1], lines[3]]) + "\n")
+    elif where == "utf8":
+        (folder / "ops.jsonl").write_bytes("\n".join(lines[:2]).encode() + b"\n\xff\xfe\n")
+    said = {
+        "middle": "line 3 is damaged",
+        "header": "its header (line 1) is damaged",
+        "utf8": "line 3 is not UTF-8",
+    }
+    status, out, err = _send_by_hand(root, monkeypatch, capsys)
+    assert status == 1, out + err
+    assert f"metrics/unlogged/distill-x/ops.jsonl: {said[where]}" in err, err
+    assert "nothing is kept" not in out + err
+    assert folder.is_dir() and client.get_run(run).data.metrics == {}
+
+
+def test_row09_an_outbox_left_for_another_store_is_not_called_nothing(root, monkeypatch, capsys):
+    _a_run(root)
+    folder = _outbox(root, [])
+    text = (folder / "ops.jsonl").read_text().replace("sqlite:///", "sqlite:///elsewhere")
+    (folder / "ops.jsonl").write_text(text)
+    status, out, err = _send_by_hand(root, monkeypatch, capsys)
+    assert status == 1 and "still kept: metrics/unlogged/distill-x/" in err, out + err

@@ -10,6 +10,12 @@ artifact, taken when it was logged). At its end the stage tries the store once m
 outbox if it answers; otherwise the next stage that reaches the same store sends it (outboxes whose
 process has ended), in order, and removes the folder. An operation the store refuses then (a run
 deleted meanwhile) is skipped and named; one that fails again leaves the rest kept.
+
+An outbox is read as untrusted (docs/reliability.md, round 4): every line is checked before the first is
+sent. A file it names must be a copy inside its own `files/` (no absolute path, no `..`, no link), an
+artifact's destination a relative path; a damaged line (other than a last line cut short by a kill) or
+header, or an operation outside these rules, sends nothing from that outbox: one warning names the
+line, the folder is kept, and `python -m sharpkd.tracking` exits 1.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from pathlib import Path
 
 from sharpkd.tracking.context import gone, process_tag
-from sharpkd.tracking.ops import FILE_FIELDS, apply_op
+from sharpkd.tracking.ops import APPLY, FILE_FIELDS, apply_op
 
 UNLOGGED = Path("metrics") / "unlogged"
 OPS = "ops.jsonl"
@@ -88,19 +94,73 @@ class Outbox:
             f.write(json.dumps(op, default=str) + "\n")
 
 
+class DamagedOutbox(Exception):
+    """An outbox that cannot be sent as it is: the message names the line and what is wrong."""
+
+
 def _header(folder: Path) -> dict:
-    with (folder / OPS).open(encoding="utf-8") as f:
-        return json.loads(f.readline())
+    with (folder / OPS).open("rb") as f:
+        try:
+            header = json.loads(f.readline())  # bytes: only this line is decoded
+        except ValueError as exc:
+            raise DamagedOutbox(f"its header (line 1) is damaged ({exc})") from None
+    if not isinstance(header, dict) or header.get("op") != "header":
+        raise DamagedOutbox("its first line is not the outbox's header")
+    return header
+
+
+def _inside(folder: Path, value: object, what: str) -> None:
+    """DamagedOutbox unless `value` names a copy kept in `folder`/files (a folder: holding no link)."""
+    if not isinstance(value, str) or not value:
+        raise DamagedOutbox(f"{what} is not a file name")
+    rel = Path(value)
+    files = (folder / "files").resolve()
+    if rel.is_absolute() or ".." in rel.parts or not (folder / rel).resolve().is_relative_to(files):
+        raise DamagedOutbox(f"{what} {value!r} is not a copy kept in the outbox's files/")
+    path = folder / rel
+    if path.is_symlink() or (path.is_dir() and any(p.is_symlink() for p in path.rglob("*"))):
+        raise DamagedOutbox(f"{what} {value!r} is or holds a link")
+
+
+def _check_op(folder: Path, op: object) -> None:
+    """DamagedOutbox unless `op` is an operation this project writes, its files copies in the outbox."""
+    if not isinstance(op, dict) or op.get("op") not in APPLY or not isinstance(op.get("run"), str):
+        raise DamagedOutbox("it is not an operation of a known kind with a run id")
+    for key in FILE_FIELDS:
+        if op.get(key) is not None:
+            _inside(folder, op[key], f"its {key}")
+    dest = op.get("dest")
+    if dest is not None:
+        parts = Path(dest).parts if isinstance(dest, str) else ("..",)
+        if not isinstance(dest, str) or Path(dest).is_absolute() or ".." in parts or "\\" in dest:
+            raise DamagedOutbox(f"its artifact destination {dest!r} is not a relative path inside the run")
 
 
 def _lines(folder: Path) -> list[str]:
-    lines = []
-    for line in (folder / OPS).read_text(encoding="utf-8").splitlines():
+    """The header and operations of an outbox, each checked (DamagedOutbox naming the line otherwise). A
+    last line cut short (no newline: its writer was killed while writing it) is left out."""
+    data = (folder / OPS).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DamagedOutbox(f"line {line} is not UTF-8 text") from None
+    lines = text.split("\n")
+    last = lines.pop()  # "" after a final newline
+    if last:
+        with contextlib.suppress(ValueError):
+            json.loads(last)  # whole, though its newline is missing: kept
+            lines.append(last)
+    if not lines:
+        raise DamagedOutbox("it has no header")
+    _header(folder)
+    for number, line in enumerate(lines[1:], start=2):
         try:
-            json.loads(line)
-        except ValueError:  # the last line of a writer killed while writing it
-            continue
-        lines.append(line)
+            _check_op(folder, json.loads(line))
+        except ValueError as exc:
+            raise DamagedOutbox(f"line {number} is damaged ({exc})") from None
+        except DamagedOutbox as exc:
+            raise DamagedOutbox(f"line {number}: {exc}") from None
     return lines
 
 
@@ -108,7 +168,7 @@ def send_kept(client, folder: Path) -> list[str]:
     """Send an outbox's operations in order and remove it; returns what the store refused.
 
     When a call fails otherwise (the store is gone again) the operations not yet sent stay in the
-    outbox and the error is raised.
+    outbox and the error is raised. A damaged outbox (_lines) raises DamagedOutbox before anything is sent.
     """
     from mlflow.exceptions import MlflowException
 
@@ -141,8 +201,11 @@ def send_pending(client, root: Path) -> list[str]:
     for folder in sorted(base.iterdir()) if base.is_dir() else []:
         try:
             header = _header(folder)
-        except (OSError, ValueError):
+        except DamagedOutbox as exc:
+            notes.append(_damaged(folder, root, exc))
             continue
+        except (OSError, ValueError):
+            continue  # not an outbox (yet): a stage creating it this instant, or a stray file
         if header.get("store") != client.store.uri or not gone(header.get("process", "")):
             continue
         try:
@@ -152,12 +215,22 @@ def send_pending(client, root: Path) -> list[str]:
                 refused = send_kept(client, folder)
         except (Timeout, FileNotFoundError):
             continue
+        except DamagedOutbox as exc:
+            notes.append(_damaged(folder, root, exc))
+            continue
         except Exception as exc:
             notes.append(f"warning: tracking: {shown(folder, root)} is still kept: {short_reason(exc)}")
             break
         note = f"tracking: sent what the {header.get('stage')} stage had kept in {shown(folder, root)}"
         notes.append(note + (f" ({len(refused)} refused: {'; '.join(refused)})" if refused else ""))
     return notes
+
+
+def _damaged(folder: Path, root: Path, exc: DamagedOutbox) -> str:
+    return (
+        f"warning: tracking: {shown(folder, root)}{OPS}: {exc}; nothing was sent from it and it is kept: "
+        "repair or remove that folder"
+    )
 
 
 def shown(folder: Path, root: Path) -> str:
