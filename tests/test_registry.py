@@ -286,3 +286,42 @@ def test_mlflow_models_serve_sharpens_image_bytes(project, tmp_path):
     finally:
         stop(proc)
         log.close()
+
+
+# --------------------------------------------------------------------------- issue 40 (hardening, round 4)
+
+
+@pytest.mark.parametrize(
+    "data", ["../../../../secret.txt", "{root}/secret.txt", "data/link.onnx", "file:///x"]
+)
+def test_row22_a_registered_onnx_path_outside_the_model_folder_is_refused(tmp_path, monkeypatch, data):
+    """A version (no sha tag) whose MLmodel `flavors.onnx.data` leads out of its model folder: `../`, an
+    absolute path, a link out, a URI. Nothing is read from outside or copied into the model cache."""
+    from sharpkd.errors import UserError
+    from sharpkd.tracking.registry import fetch_model
+    from sharpkd.tracking.store import resolve_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SHARPKD_MODELS_DIR", str(tmp_path / "cache"))
+    (tmp_path / "secret.txt").write_text("secret")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    run = client.create_run(exp)
+    model = tmp_path / "model"
+    (model / "data").mkdir(parents=True)
+    (model / "MLmodel").write_text(
+        yaml.safe_dump({"flavors": {"onnx": {"data": data.format(root=tmp_path)}}})
+    )
+    client.log_artifacts(run.info.run_id, str(model), "model")
+    folder = Path(run.info.artifact_uri.removeprefix("file://")) / "model"
+    assert folder.is_dir() and (tmp_path / "secret.txt").samefile(folder / "../../../../secret.txt")
+    (folder / "data" / "link.onnx").symlink_to(tmp_path / "secret.txt")
+    client.create_registered_model("evil")
+    client.create_model_version("evil", f"{run.info.artifact_uri}/model", run.info.run_id)
+    with pytest.raises(UserError) as err:
+        fetch_model("models:/evil/1", resolve_store(None, tmp_path))
+    assert "refused" in str(err.value) and "\n" not in str(err.value), err.value
+    cached = (
+        [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] if (tmp_path / "cache").exists() else []
+    )
+    assert cached == []

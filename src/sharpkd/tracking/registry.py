@@ -16,7 +16,9 @@ Resolving `models:/<name>/<version>`, `models:/<name>/latest` and `models:/<name
     into $SHARPKD_MODELS_DIR (default ~/.cache/sharpkd/models)/<name>/<version>/, atomically, and
     reused while its sha256 matches the version's tag (a version without the tag, registered
     before it existed, is downloaded again each time). Anything missing is a UserError naming the
-    URI and the store.
+    URI and the store. The version's MLmodel is read as untrusted (docs/reliability.md, round 4): at
+    most MLMODEL_MAX_BYTES, through config's strict YAML reader, and its ONNX file must be a relative
+    path inside the model folder (no `..`, no absolute path or URI, no link out of a local folder).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import contextlib
 import os
 import re
 import tempfile
-from pathlib import Path
+import urllib.parse
+from pathlib import Path, PurePosixPath
 
 from sharpkd.errors import UserError
 from sharpkd.tracking.store import Store, project_root, resolve_store, unreachable
@@ -33,6 +36,7 @@ from sharpkd.tracking.store import Store, project_root, resolve_store, unreachab
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 SHA_TAG = "sharpkd.onnx_sha256"
+MLMODEL_MAX_BYTES = 2**20  # an MLmodel file is a few KB
 _URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[\w\-]+))/?")
 
 
@@ -130,19 +134,61 @@ def _model_version(client, name: str, version: str | None, alias: str | None):
         return None
 
 
+def _local_folder(model_uri: str) -> Path | None:
+    """The model folder on this machine when `model_uri` is a local one (file:// or a path), else None."""
+    if model_uri.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(model_uri).path))
+    return Path(model_uri) if model_uri.startswith("/") else None
+
+
+def _checked_entry(data: object, model_uri: str) -> str:
+    """`flavors.onnx.data` when it names a file inside the model folder; UserError otherwise."""
+    rel = PurePosixPath(data) if isinstance(data, str) else None
+    if (
+        rel is None
+        or rel.is_absolute()
+        or ".." in rel.parts
+        or rel.name in ("", ".")
+        or "\\" in data
+        or ":" in data
+    ):
+        raise UserError(
+            f"the registered model's MLmodel names its ONNX file {data!r}: not a file inside the model folder; "
+            "refused"
+        )
+    local = _local_folder(model_uri)
+    if local is not None and not (local / rel).resolve().is_relative_to(local.resolve()):
+        raise UserError(
+            f"the registered model's ONNX file {data!r} is a link out of the model folder {local}; refused"
+        )
+    return rel.as_posix()
+
+
 def _onnx_entry(client, store: Store, model_uri: str, tmp: Path) -> str:
-    """The ONNX file's path inside the model folder at `model_uri` (its `onnx` flavor)."""
+    """The ONNX file's path inside the model folder at `model_uri` (its `onnx` flavor), checked."""
     import yaml
     from mlflow.artifacts import download_artifacts
 
-    mlmodel = download_artifacts(
-        artifact_uri=f"{model_uri}/MLmodel", dst_path=str(tmp), tracking_uri=store.uri
+    from sharpkd.config import load_yaml_text
+
+    mlmodel = Path(
+        download_artifacts(artifact_uri=f"{model_uri}/MLmodel", dst_path=str(tmp), tracking_uri=store.uri)
     )
-    flavors = yaml.safe_load(Path(mlmodel).read_text()).get("flavors") or {}
-    data = (flavors.get("onnx") or {}).get("data")
+    if mlmodel.stat().st_size > MLMODEL_MAX_BYTES:
+        raise UserError(f"the registered model's MLmodel is over {MLMODEL_MAX_BYTES} bytes; refused")
+    try:
+        meta = load_yaml_text(mlmodel.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # YamlRefused too (a duplicate key, a billion laughs)
+        raise UserError(f"the registered model's MLmodel cannot be read ({exc})") from None
+    flavors = meta.get("flavors") if isinstance(meta, dict) else None
+    flavors = flavors if isinstance(flavors, dict) else {}
+    onnx = flavors.get("onnx")
+    data = onnx.get("data") if isinstance(onnx, dict) else None
     if not data:
-        raise UserError(f"the registered model has no ONNX file (flavors: {', '.join(flavors) or 'none'})")
-    return data
+        raise UserError(
+            f"the registered model has no ONNX file (flavors: {', '.join(map(str, flavors)) or 'none'})"
+        )
+    return _checked_entry(data, model_uri)
 
 
 @contextlib.contextmanager
