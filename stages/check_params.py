@@ -10,7 +10,7 @@ stage); it records no MLflow run, as it computes nothing.
 from __future__ import annotations
 
 from sharpkd.config import Params, flatten
-from sharpkd.distill import check_init
+from sharpkd.finetune import check_init
 from sharpkd.pipeline import StagePaths, run_stage
 
 

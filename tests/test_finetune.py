@@ -10,8 +10,9 @@ import torch
 
 from sharpkd.config import ConfigError, params_from_dict
 from sharpkd.deploy import zoo
-from sharpkd.distill import build_student, check_init, init_from, init_source
+from sharpkd.distill import build_student
 from sharpkd.errors import UserError
+from sharpkd.finetune import check_init, init_from, init_source
 from sharpkd.models.rep import RepConv3x3
 from sharpkd.models.student import Student, save_student
 from sharpkd.train import TrainState
@@ -70,7 +71,6 @@ def test_a_student_of_another_size_is_one_line_naming_the_keys(tmp_path):
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("zoo:nosuch", "no such student in the zoo"),
         ("weights.onnx", "give zoo:NAME"),
         ("/nonexistent/student.pth", "no such file"),
     ],
@@ -78,6 +78,11 @@ def test_a_student_of_another_size_is_one_line_naming_the_keys(tmp_path):
 def test_bad_student_init_values_fail_when_params_load(value, message):
     with pytest.raises(ConfigError, match=message):
         _params(init=value)
+
+
+def test_an_unknown_zoo_student_is_one_line_listing_the_known_ones():
+    with pytest.raises(UserError, match="no such student in the zoo"):
+        check_init(_params(init="zoo:nosuch"))
 
 
 def test_a_file_that_is_not_a_student_is_refused_by_name(tmp_path):

@@ -404,24 +404,17 @@ def _check_relations(p: Params) -> None:
 
 
 def _check_init(p: Params) -> None:
-    """student.init names a zoo student or a .pth file; whether its architecture is params.student's is
-    checked by check_params (distill.check_init), which can read the file."""
+    """student.init names a zoo student or a .pth file; which zoo students exist, and whether the file is
+    params.student's size, check_params checks (finetune.check_init), which can read them."""
     init = p.student.init
-    if not init:
+    if not init or init.startswith("zoo:"):
         return
-    from sharpkd.deploy import zoo
-
-    if zoo.is_zoo(init):
-        try:
-            zoo.card(init[len(zoo.PREFIX) :])
-        except UserError as exc:
-            raise ConfigError(f"params: 'student.init': {exc}") from None
-    elif not init.endswith(".pth"):
+    if not init.endswith(".pth"):
         raise ConfigError(
-            f"params: 'student.init' = {init!r}: give zoo:NAME ({', '.join(zoo.names())}) or a student "
-            ".pth (models/student/student.pth of an earlier run)"
+            f"params: 'student.init' = {init!r}: give zoo:NAME (`sharpkd zoo` lists them) or a student .pth "
+            "(models/student/student.pth of an earlier run)"
         )
-    elif not Path(init).expanduser().is_file():
+    if not Path(init).expanduser().is_file():
         raise ConfigError(f"params: 'student.init' = {init!r}: no such file")
 
 

@@ -20,13 +20,12 @@ import torch
 from sharpkd.config import Params, flatten
 from sharpkd.crop_training import fit_on_crops, loop_config
 from sharpkd.data.datasets import TEACHER_FILES, TrainPatches, load_valid, read_pairs_info, teacher_only_count
-from sharpkd.deploy import zoo
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest, resolve_weights_dir
+from sharpkd.finetune import init_from, init_source
 from sharpkd.losses import DistillObjective
 from sharpkd.models import count_params
-from sharpkd.models.rep import RepConv3x3
-from sharpkd.models.student import Student, conv_macs, load_student
+from sharpkd.models.student import Student, conv_macs
 from sharpkd.train import FitConfig, FitResult, distributed_setup, speed_fields
 
 
@@ -101,56 +100,6 @@ def build_student(params: Params) -> Student:
         block=sp.block,
         rep_expand=sp.rep_expand,
     )
-
-
-def init_source(params: Params) -> tuple[Path, str] | None:
-    """(file, sha256) of the folded student `student.init` names (a zoo student is verified against its
-    card); None for random weights."""
-    init = params.student.init
-    if not init:
-        return None
-    if zoo.is_zoo(init):
-        found = zoo.zoo_file(init, "pth")
-        return found.path, found.sha256
-    path = Path(init).expanduser()
-    return path, file_digest(path)
-
-
-def check_init(params: Params) -> Student | None:
-    """The student `student.init` names, loaded, if its architecture is params.student's; a mismatch is one
-    line naming the keys to set. Run by check_params too, before any output is replaced."""
-    source = init_source(params)
-    if source is None:
-        return None
-    init = load_student(source[0])
-    want = build_student(params).deploy().arch_kwargs()
-    have = init.arch_kwargs()
-    keys = {"scale": "data.scale", "channels": "student.channels", "blocks": "student.blocks"}
-    keys["activation"] = "student.activation"
-    wrong = [f"{key}={have[k]}" for k, key in keys.items() if have[k] != want[k]]
-    if wrong:
-        raise UserError(
-            f"params: 'student.init' = {params.student.init!r} is a {have['channels']} x {have['blocks']} "
-            f"{have['activation']} student at x{have['scale']}, not params.student's {want['channels']} x "
-            f"{want['blocks']} {want['activation']} at x{want['scale']}: set {' '.join(wrong)}"
-        )
-    return init
-
-
-@torch.no_grad()
-def init_from(student: Student, params: Params) -> None:
-    """Start `student` from the folded student `student.init` names: a plain student takes its weights, a rep
-    student's blocks are set to compute the same convs (RepConv3x3.load_folded), so step 0 is that student."""
-    init = check_init(params)
-    if init is None:
-        return
-    folded = init.state_dict()
-    for name, module in student.named_modules():
-        if isinstance(module, RepConv3x3):
-            module.load_folded(folded[f"{name}.weight"], folded[f"{name}.bias"])
-    plain = {k: v for k, v in folded.items() if k in student.state_dict()}
-    student.load_state_dict(plain, strict=False)
-    print(f"[distill] starting from {params.student.init} (sha256 {init_source(params)[1][:12]})")
 
 
 def fit_config(params: Params, world: int, cache_info: dict, pairs_dir: Path) -> FitConfig:
