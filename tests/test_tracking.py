@@ -860,3 +860,34 @@ def test_cached_stages_log_nothing_reruns_and_failures_say_so(repo):
         assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("teacher: ")
     finally:
         params_path.write_text(original)
+
+
+# --------------------------------------------------------------------------- issue 40 (hardening, round 4)
+
+
+def test_row02_the_default_experiment_keeps_its_artifacts_in_this_checkout(
+    workdir, monkeypatch, tmp_path_factory
+):
+    """`tracking.experiment: Default` (MLflow's own experiment, located at `<folder it was made in>/mlruns/0`):
+    its runs' artifacts go into this checkout, and a copy's into the copy, never the original's."""
+    params = tiny_params(tracking={"enabled": True, "experiment": "Default"})
+
+    def note(text: str) -> str:
+        Path("note.txt").write_text(text)
+        with tracking.stage_run("export", params) as t:
+            t.log_artifact("note.txt", "notes")
+        return t.run_id
+
+    first = note("original")
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    assert client.get_experiment("0").artifact_location == str(workdir / "mlruns" / "0")
+    assert (workdir / "mlruns" / "0" / first / "artifacts" / "notes" / "note.txt").read_text() == "original"
+    before = artifact_files(workdir / "mlruns")
+    copy = tmp_path_factory.mktemp("elsewhere") / "copy"
+    subprocess.run(["cp", "-a", str(workdir), str(copy)], check=True)
+    monkeypatch.chdir(copy)
+    second = note("copy")
+    assert artifact_files(workdir / "mlruns") == before, "the copy wrote into the original"
+    assert (copy / "mlruns" / "0" / second / "artifacts" / "notes" / "note.txt").read_text() == "copy"
+    client = MlflowClient(f"sqlite:///{copy}/mlflow.db")
+    assert client.get_run(first).info.artifact_uri.startswith(str(copy / "mlruns" / "0") + "/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sqlite3
 import ssl
 import time
@@ -137,27 +138,42 @@ def check_db(store: Store) -> None:
     )
 
 
-def relocate_artifacts(store: Store) -> int:
-    """Point the artifact locations recorded in a copied or moved SQLite store at the artifact folder
-    beside it; how many experiments had moved.
+# MLflow's own default artifact root, where it puts the Default experiment (`<cwd>/mlruns/0`, a bare path).
+_MLRUNS = re.compile(r"(?P<scheme>file://)?(?P<folder>/.*)/mlruns/(?P<id>[0-9]+)")
 
-    MLflow records absolute `file://` locations: a copy of the checkout would write its artifacts
-    into the original's mlartifacts/ (a moved one into a folder that is gone). Every location under
-    another folder's `mlartifacts` becomes the same path under this store's.
+
+def _moved_roots(store: Store, locations: set[str]) -> dict[str, str]:
+    """Old artifact root -> this store's, for the experiment locations that lie in another folder: another
+    checkout's `mlartifacts`, or MLflow's default `<folder>/mlruns/<id>` (the Default experiment)."""
+    folder, new = store.db_path.parent, store.artifact_root.as_uri()
+    moved = {}
+    for loc in locations:
+        if loc != new and loc.startswith("file://") and loc.endswith("/" + ARTIFACTS_DIR):
+            moved[loc] = new
+        elif (m := _MLRUNS.fullmatch(loc)) and Path(m["folder"]) != folder:
+            mine = folder / "mlruns" / m["id"]
+            moved[loc] = mine.as_uri() if m["scheme"] else str(mine)
+    return moved
+
+
+def relocate_artifacts(store: Store) -> int:
+    """Point the artifact locations recorded in a copied or moved SQLite store at the folder beside it;
+    how many experiments had moved.
+
+    MLflow records absolute locations: a copy of the checkout would write its artifacts into the
+    original's mlartifacts/ (a moved one into a folder that is gone), and the Default experiment's into
+    the original's mlruns/0. Every location under another folder's `mlartifacts`, or MLflow's default
+    `<folder>/mlruns/<id>`, becomes the same path under this store's folder.
     """
-    db, new = store.db_path, store.artifact_root.as_uri()
+    db = store.db_path
     if db is None or not db.is_file():
         return 0
     with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
         if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'experiments'").fetchone():
             return 0  # a new store: MLflow creates its tables
         found = {loc for (loc,) in con.execute("SELECT artifact_location FROM experiments") if loc}
-        old_roots = [
-            loc
-            for loc in found
-            if loc != new and loc.startswith("file://") and loc.endswith("/" + ARTIFACTS_DIR)
-        ]
-        for old in old_roots:
+        moved = _moved_roots(store, found)
+        for old, new in moved.items():
             for table, column in _LOCATION_COLUMNS:
                 if column not in {row[1] for row in con.execute(f"PRAGMA table_info({table})")}:
                     continue
@@ -166,7 +182,7 @@ def relocate_artifacts(store: Store) -> int:
                     f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
                     (new, len(old) + 1, old, len(old) + 1, old + "/"),
                 )
-    return len(old_roots)
+    return len(moved)
 
 
 class LockedClient:
