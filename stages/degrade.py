@@ -19,16 +19,17 @@ from sharpkd.data.pairs import (
     write_training,
     write_validation,
 )
-from sharpkd.data.teacher_only import scan_unlabeled
+from sharpkd.data.teacher_only import scan_teacher_only
 from sharpkd.files import atomic_dir, write_json
 from sharpkd.pipeline import StagePaths, run_stage
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:
     """Whole training images (flat memory-mappable arrays), teacher-only inputs and validation images."""
-    d, to = params.data, params.data.teacher_only
-    # The teacher-only folder first: missing, empty or unreadable stops here, before any work.
-    scan = scan_unlabeled(to, d.min_side // d.scale, params.seed) if to.folder else None
+    d = params.data
+    # The teacher-only folder first: missing, empty, unreadable or holding a link into the held-out or
+    # output folders stops here, before any work.
+    scan = scan_teacher_only(params)
     raw = read_raw_manifest(paths.raw)
     training = plan_training(raw, d.scale, d.min_side, paths.pairs)
     extra = plan_teacher_only(params, training, scan)

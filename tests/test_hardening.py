@@ -277,3 +277,51 @@ def test_unreadable_entries_of_a_set_are_skipped_and_named(tmp_path):
     assert (
         f"[data.folder.train] skipped {folder / 'closed'}: cannot be read (Permission denied)" in proc.stderr
     )
+
+
+# ------------------------------------------------------------------- issue 40 (hardening, round 4)
+
+
+@pytest.mark.parametrize(
+    ("target", "names"),
+    [
+        ("data/raw/valid/coffee.png", "the pipeline's output folder data/"),
+        ("sets/Set5/coffee.png", "'eval.sets.Set5'"),
+        ("valid/coffee.png", "'data.folder.valid'"),
+    ],
+)
+def test_row13_a_file_link_into_a_held_out_or_output_folder_is_refused(tmp_path, monkeypatch, target, names):
+    """A file symlink inside data.teacher_only.folder that resolves into a held-out or output folder is
+    refused by degrade's first check, naming the link, as such a folder is; a link elsewhere is fine."""
+    from sharpkd.data.teacher_only import scan_teacher_only
+
+    monkeypatch.chdir(tmp_path)
+    image = np.full((96, 96, 3), 120, np.uint8)
+    for name in (
+        "data/raw/valid/coffee.png",
+        "sets/Set5/coffee.png",
+        "valid/coffee.png",
+        "elsewhere/own.png",
+    ):
+        save_image(tmp_path / name, image)
+    footage = tmp_path / "footage"
+    save_image(footage / "mine.png", image)
+    (footage / "linked.png").symlink_to(tmp_path / "elsewhere/own.png")
+    p = params_from_dict(
+        _params(
+            data={
+                "source": "folder",
+                "folder": {"train": str(tmp_path / "train"), "valid": str(tmp_path / "valid")},
+                "teacher_only": {"folder": str(footage)},
+            },
+            distill={"teacher_only_fraction": 0.1},
+            eval={"sets": {"Set5": "sets/Set5"}},
+        )
+    )
+    assert len(scan_teacher_only(p).rows) == 2, "a link to a file outside them is an input like any other"
+    (footage / "sub").mkdir()
+    (footage / "sub" / "coffee.png").symlink_to(tmp_path / target)
+    with pytest.raises(ConfigError) as err:
+        scan_teacher_only(p)
+    message = _one_line(str(err.value))
+    assert "sub/coffee.png" in message and names in message and "remove the link" in message, message

@@ -482,6 +482,24 @@ def _check_folders(p: Params) -> None:
                 )
 
 
+def check_linked_files(p: Params, key: str, files: list[Path]) -> None:
+    """_check_folders' rule for the files a training folder holds (degrade lists them; params loading
+    stays path work): a file that resolves (a link) into the pipeline's outputs or a held-out folder is
+    refused, naming it, as such a folder is."""
+    _, held_out = _input_folders(p)
+    banned = [(f"the pipeline's output folder {name}/", _real(name)) for name in OUTPUT_FOLDERS]
+    banned += [(f"'{other}' = {folder!r}", _real(folder)) for other, folder in held_out]
+    for path in files:
+        real = _real(str(path))
+        for what, folder in banned:
+            if real.is_relative_to(folder):
+                raise ConfigError(
+                    f"params: '{key}' holds {str(path)!r}, a link to {str(real)!r} inside {what}: images the "
+                    "student is validated or evaluated on, or what the stages write, would be trained on; "
+                    "remove the link or copy the file"
+                )
+
+
 def _check_teacher_use(p: Params) -> None:
     """The teacher-only data and the no-teacher baseline: every knob that would be silently ignored is an error."""
     to = p.data.teacher_only

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpkd.config import TeacherOnlyParams
+from sharpkd.config import Params, TeacherOnlyParams, check_linked_files
 from sharpkd.data.degradation import center_crop, crop_to_multiple, resize
 from sharpkd.data.footage import CLIP_SUFFIXES, ClipReadError, frame_name, is_clip, sample_clip
 from sharpkd.deploy.images import (
@@ -98,6 +98,17 @@ def scan_unlabeled(to: TeacherOnlyParams, lr_side: int, seed: int) -> UnlabeledS
             f"{KEY}: no usable image or clip in {printable(root)} ({len(files)} files: {'; '.join(scan.skipped[:3])}"
             f"{' ...' if len(scan.skipped) > 3 else ''})"
         )
+    return scan
+
+
+def scan_teacher_only(params: Params) -> UnlabeledScan | None:
+    """scan_unlabeled of params' data.teacher_only.folder (None without one), and no file of it a link into
+    the held-out folders or the pipeline's outputs (config.check_linked_files)."""
+    d, to = params.data, params.data.teacher_only
+    if not to.folder:
+        return None
+    scan = scan_unlabeled(to, d.min_side // d.scale, params.seed)
+    check_linked_files(params, KEY, sorted({Path(row["origin"]) for row in scan.rows}))
     return scan
 
 
