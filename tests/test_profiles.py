@@ -365,3 +365,21 @@ def test_row21_a_yaml_billion_laughs_is_refused_before_it_is_expanded(tmp_path, 
     with pytest.raises(ConfigError, match=r"billion laughs"):
         validate(load_profile(_write(tmp_path, "arms: {a: {}}\n")), params)
     assert time.monotonic() - start < 5 and no_dvc == []
+
+
+def test_row20_profile_run_checks_every_profile_before_it_queues_any(tmp_path, no_dvc):
+    """`sharpkd profile run good.yaml bad.yaml`: the bad arm (or an arm name the first profile has too) is
+    refused before the good profile's arms are queued."""
+    from typer.testing import CliRunner
+
+    from sharpkd.cli import app
+
+    good = _write(tmp_path, "arms: {a: {}}\n", "good.yaml")
+    for text in ("arms: {'b c': {}}\n", "arms: {a: {}}\n"):
+        bad = _write(tmp_path, text, "bad.yaml")
+        res = CliRunner().invoke(app, ["profile", "run", str(good), str(bad)])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert "cannot be a DVC experiment name" in res.output or "is also an arm of" in res.output, (
+            res.output
+        )
+    assert no_dvc == []

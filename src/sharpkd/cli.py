@@ -369,9 +369,10 @@ def profile_run(
     import subprocess
 
     with _user_errors(), _needs_pipeline("profile run"):
-        from sharpkd.profiles import load_profile, queue
+        from sharpkd.profiles import check_profiles, load_profile, queue
 
         loaded = [load_profile(p) for p in profiles]
+        check_profiles(loaded)  # every arm of every profile, before the first is queued
         for p in loaded:
             queue(p)
     raise typer.Exit(

@@ -284,6 +284,21 @@ def queue_commands(profile: Profile, arms: list[str] | None = None) -> list[list
     return [["dvc", "exp", "run", "--queue", "-n", a.name, *set_flags(a)] for a in chosen]
 
 
+def check_profiles(profiles: list[Profile], params_path: Path = Path("params.yaml")) -> None:
+    """validate() every profile, and no arm name in two of them (queueing the second would remove the
+    first's experiment): all before the first is queued."""
+    seen: dict[str, Path] = {}
+    for profile in profiles:
+        validate(profile, params_path)
+        for arm in profile.arms:
+            if arm.name in seen and seen[arm.name] != profile.path:
+                raise UserError(
+                    f"{profile.path}: arm {arm.name} is also an arm of {seen[arm.name]}; queueing both would "
+                    "replace one experiment with the other: rename one"
+                )
+            seen[arm.name] = profile.path
+
+
 def queue(profile: Profile, arms: list[str] | None = None, dry_run: bool = False, echo=print) -> list[str]:
     """Validate, remove same-named experiments, queue each arm; returns the queued names.
 
