@@ -136,8 +136,9 @@ def card_md(card: dict) -> str:
         "",
         "## How it was made",
         "",
-        f"- teacher: {card['teacher'].get('source', 'n/a')} ({card['teacher'].get('params', 'n/a')} params)",
-        f"- data: {card['data'].get('images')} ({', '.join(card['data'].get('image_sources', [])) or 'n/a'})",
+        f"- teacher: {card['teacher'].get('name') or card['teacher'].get('source', 'n/a')} "
+        f"({card['teacher'].get('params') or 0:,} params), pretrained",
+        f"- data: {_images(card['data'])}",
         f"- recipe: {', '.join(f'`{k}={v}`' for k, v in card['recipe'].items())}",
         f"- training: {card['training'].get('steps')} steps, best validation at step "
         f"{card['training'].get('best_step')} ({f(card['training'].get('val_psnr'))} dB), "
@@ -172,6 +173,15 @@ def card_md(card: dict) -> str:
     return "\n".join(lines)
 
 
+def _images(data: dict) -> str:
+    images = data.get("images")
+    if isinstance(images, dict):
+        images = ", ".join(f"{n} {split}" for split, n in images.items())
+    return (
+        f"{images} images, x{data.get('scale')}, {data.get('source')} (profiles/zoo.yaml names the folders)"
+    )
+
+
 def write_card(folder: Path, card: dict) -> None:
     (folder / zoo.CARD).write_text(json.dumps(card, indent=2) + "\n")
     (folder / "card.md").write_text(card_md(card))
@@ -193,6 +203,7 @@ def publish(args) -> None:
             if previous.get("files", {}).get("student_int8.onnx") == card["files"]["student_int8.onnx"]:
                 card["speed"] = previous.get("speed", {})
         write_card(tmp, card)
+        tmp.chmod(0o755)  # mkdtemp's folder is private
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
