@@ -347,7 +347,8 @@ def render_adapt(checkout: Path) -> str:
         "| set | zoo student fp32 / INT8 | adapted fp32 / INT8 | change fp32 / INT8 |",
         "|---|---|---|---|",
     ]
-    for name in (n for n in adapted if n in start):
+    # "valid" is each run's own split of its training folder: not the same images in the two runs.
+    for name in (n for n in adapted if n in start and n != "valid"):
         a, z = adapted[name], start[name]
         changes = [None if a[k] is None or z[k] is None else a[k] - z[k] for k in ("psnr_fp32", "psnr_int8")]
         rows.append(
@@ -359,7 +360,7 @@ def render_adapt(checkout: Path) -> str:
         "",
         f"`{record['experiment']}`: {record['from']} adapted to {Path(record['folder']).name} in "
         f"{record['minutes']:.1f} minutes of wall time, every stage included (the teacher's labelling, "
-        f"{train.get('steps')} fine-tuning steps, evaluation, export), on {_cpu()}. Command: `{record['command']}`. "
+        f"{train.get('steps')} fine-tuning steps, evaluation, export), on {_cpu()} (its command: docs/zoo.md). "
         "Written by `python scripts/zoo_release.py adapt-table` from metrics/adapt.json, eval.json, export.json "
         "and the zoo card.",
     ]
