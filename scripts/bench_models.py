@@ -30,7 +30,7 @@ from sharpkd.files import write_json
 
 def teacher_patch_throughput(lr_side: int, batch_size: int, batches: int = 3, device: str = "cpu") -> dict:
     """LR patches/s of the pipeline's teacher (models/teacher) in batches, as the cache_teacher stage runs it."""
-    from sharpkd.models.teacher import load_teacher
+    from sharpkd.models.teacher_loader import load_teacher
 
     teacher, info = load_teacher(TEACHER_DIR, device)
     x = torch.rand(batch_size, 3, lr_side, lr_side, generator=torch.Generator().manual_seed(0))

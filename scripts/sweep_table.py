@@ -68,8 +68,8 @@ def measure(
 
     from sharpkd.deploy import timing
     from sharpkd.deploy.timing import onnx_target
-    from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
+    from sharpkd.onnx_export import export_onnx
     from sharpkd.quantize import quantize_student
 
     torch.manual_seed(0)

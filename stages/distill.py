@@ -1,7 +1,7 @@
 """DVC stage `distill`: train the student against HR, the cached teacher outputs and features.
 
 data/pairs + data/teacher -> models/student/ (student.pth: the best by validation PSNR, last.pth,
-student.json), metrics/train.json, metrics/train_curve.tsv; the training is sharpkd/distill.py.
+student.json), metrics/train.json, metrics/train_curve.tsv; the training is sharpkd/distillation.py.
 Runs unchanged under `torchrun --nproc_per_node=N stages/distill.py` (DDP; rank 0 writes).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from sharpkd.config import Params
-from sharpkd.distill import distill_student
+from sharpkd.distillation import distill_student
 from sharpkd.files import atomic_dir, atomic_path, write_json
 from sharpkd.models.student import save_student
 from sharpkd.pipeline import StagePaths, run_stage

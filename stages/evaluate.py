@@ -22,7 +22,7 @@ from sharpkd.fetch import resolve_weights_dir
 from sharpkd.files import atomic_dir, atomic_path, write_json
 from sharpkd.metrics import QualityMetrics
 from sharpkd.models.student import load_student
-from sharpkd.models.teacher import load_teacher
+from sharpkd.models.teacher_loader import load_teacher
 from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.report import write_figures
 from sharpkd.tensors import default_device

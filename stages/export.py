@@ -12,11 +12,11 @@ import numpy as np
 from sharpkd.config import Params
 from sharpkd.deploy.timing import FRAME_1080P
 from sharpkd.errors import UserError
-from sharpkd.export import check_parity, export_onnx, export_torchscript, measure_speed, parity_inputs
 from sharpkd.files import atomic_dir, write_json
 from sharpkd.model_card import model_card
 from sharpkd.models import count_params
 from sharpkd.models.student import conv_macs, load_student
+from sharpkd.onnx_export import check_parity, export_onnx, export_torchscript, measure_speed, parity_inputs
 from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.quantize import export_int8
 

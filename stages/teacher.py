@@ -2,14 +2,14 @@
 
 The sources (swinir, checkpoint, pan, dctlsa, train) are the table in sharpkd/teachers.py; the further
 teachers of an ensemble (teacher.ensemble) go to models/teacher/members/<source>/, and teacher.json
-records them and teacher.self_ensemble: what sharpkd.models.teacher.load_teacher reads back.
+records them and teacher.self_ensemble: what sharpkd.models.teacher_loader.load_teacher reads back.
 """
 
 from __future__ import annotations
 
 from sharpkd.config import Params
 from sharpkd.files import atomic_dir
-from sharpkd.models.teacher import member_folder, save_teacher
+from sharpkd.models.teacher_loader import member_folder, save_teacher
 from sharpkd.pipeline import StagePaths, run_stage
 from sharpkd.teachers import obtain_members, obtain_teacher
 

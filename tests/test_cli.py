@@ -63,8 +63,8 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, tiny_pth):
 
 
 def test_bench_onnx_only(tmp_path, tiny_pth):
-    from sharpkd.export import export_onnx
     from sharpkd.models.student import load_student
+    from sharpkd.onnx_export import export_onnx
 
     onnx = export_onnx(load_student(tiny_pth), tmp_path / "s.onnx")
     res = runner.invoke(

@@ -45,7 +45,7 @@ def _photo(h: int, w: int, seed: int) -> np.ndarray:
 
 def _pipeline(root: Path, scale: int, patch: int, monkeypatch) -> tuple[Path, object]:
     """Real download (folder) + degrade with teacher-only inputs + cache_teacher with the coordinate teacher."""
-    from sharpkd.models import teacher as teacher_models
+    from sharpkd.models import teacher_loader as teacher_models
     from stages import cache_teacher, degrade
 
     src = root / "src"

@@ -13,7 +13,7 @@ from helpers import SHARED, make_pairs, run_cache_teacher, run_teacher, tiny_par
 from sharpkd import fetch
 from sharpkd.data.datasets import TrainPatches
 from sharpkd.fetch import file_digest
-from sharpkd.models.teacher import load_spandrel, load_teacher
+from sharpkd.models.teacher_loader import load_spandrel, load_teacher
 from sharpkd.tensors import run_tiled
 
 torch.set_num_threads(1)

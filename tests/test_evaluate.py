@@ -258,7 +258,7 @@ def test_names_with_dollars_and_control_characters(pipeline, tmp_path, capsys):
 
 def _set5_reproduction(tmp_path: Path, **overrides):
     from sharpkd.metrics import QualityMetrics, min_side
-    from sharpkd.models.teacher import load_teacher
+    from sharpkd.models.teacher_loader import load_teacher
     from sharpkd.tensors import run_tiled
 
     params = tiny_params(data={"scale": 4}, degradation={"jpeg_prob": 0.0}, **overrides)

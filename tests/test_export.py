@@ -12,8 +12,8 @@ from PIL import Image
 
 from helpers import NullTracker, make_pairs, tiny_params
 from sharpkd.errors import UserError
-from sharpkd.export import export_onnx
 from sharpkd.models.student import Student, save_student
+from sharpkd.onnx_export import export_onnx
 from sharpkd.pipeline import StagePaths
 from stages import export as export_stage
 

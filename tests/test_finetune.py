@@ -10,7 +10,7 @@ import torch
 
 from sharpkd.config import ConfigError, params_from_dict
 from sharpkd.deploy import zoo
-from sharpkd.distill import build_student
+from sharpkd.distillation import build_student
 from sharpkd.errors import UserError
 from sharpkd.finetune import check_init, init_from, init_source
 from sharpkd.models.rep import RepConv3x3

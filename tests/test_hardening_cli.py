@@ -27,10 +27,10 @@ from typer.testing import CliRunner
 
 import sharpkd
 from sharpkd.cli import app
-from sharpkd.export import export_onnx, export_torchscript
 from sharpkd.fetch import file_digest
 from sharpkd.files import _TEMP
 from sharpkd.models.student import Student
+from sharpkd.onnx_export import export_onnx, export_torchscript
 from test_hardening import _without_dac_override  # setpriv: root without its file-permission bypass
 
 runner = CliRunner()

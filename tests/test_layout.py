@@ -23,3 +23,11 @@ def test_one_thin_script_per_dvc_stage():
 
 def test_no_stage_module_inside_the_library():
     assert not (REPO / "src" / "sharpkd" / "stages").exists()
+
+
+def test_no_library_module_shares_a_name_with_a_stage_script():
+    """stages/distill.py runs a stage, the library's modules are named for what they hold
+    (distillation.py, onnx_export.py, models/teacher_loader.py): no name means two files."""
+    stages = {p.name for p in (REPO / "stages").glob("*.py") if p.name != "__init__.py"}
+    library = {p.name for p in (REPO / "src").rglob("*.py") if p.name != "__init__.py"}
+    assert sorted(stages & library) == []

@@ -119,8 +119,8 @@ def test_sharpening_imports_no_torch_and_no_pipeline_module(tmp_path):
     import numpy as np
 
     from helpers import write_clip
-    from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
+    from sharpkd.onnx_export import export_onnx
 
     onnx = export_onnx(Student(scale=2, channels=4, blocks=1).eval(), tmp_path / "s.onnx")
     frames = [np.full((24, 32, 3), 40 * i, np.uint8) for i in range(3)]

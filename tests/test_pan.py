@@ -15,7 +15,7 @@ from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
 from sharpkd.models import count_params
 from sharpkd.models.pan import DEFAULT_FEATURE_LAYERS, PAN
-from sharpkd.models.teacher import load_teacher
+from sharpkd.models.teacher_loader import load_teacher
 from sharpkd.tensors import run_tiled
 
 torch.set_num_threads(1)

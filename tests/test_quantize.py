@@ -11,8 +11,8 @@ from sharpkd.deploy.models import SCALE_KEY
 from sharpkd.deploy.sessions import OnnxFunction, ort_session
 from sharpkd.deploy.timing import onnx_target, time_target
 from sharpkd.errors import UserError
-from sharpkd.export import export_onnx
 from sharpkd.models.student import Student
+from sharpkd.onnx_export import export_onnx
 from sharpkd.quantize import quantize_student, residual_on_lr_grid, space_to_depth_head
 
 

@@ -44,8 +44,8 @@ class Project:
 
 def _register(root: Path, seed: int) -> Path:
     """Export a tiny student (its residual branch not zero) and register it, as the export stage does."""
-    from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
+    from sharpkd.onnx_export import export_onnx
 
     torch.manual_seed(seed)
     student = Student(scale=2, channels=8, blocks=1).eval()

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from sharpkd.cli import app
 from sharpkd.deploy.images import load_image
-from sharpkd.export import export_onnx, export_torchscript
 from sharpkd.models.student import Student, save_student
+from sharpkd.onnx_export import export_onnx, export_torchscript
 from sharpkd.tensors import to_image, to_tensor
 
 runner = CliRunner()

@@ -8,8 +8,8 @@ import collections
 import pytest
 import torch
 
-from sharpkd.export import ExportGraph, export_onnx
 from sharpkd.models.student import Student, conv_macs, load_student, save_student
+from sharpkd.onnx_export import ExportGraph, export_onnx
 
 
 def _trained(block: str, scale: int, steps: int = 5) -> Student:

@@ -15,7 +15,7 @@ from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.student import Student
-from sharpkd.models.teacher import load_teacher
+from sharpkd.models.teacher_loader import load_teacher
 from sharpkd.tensors import run_tiled, tiled_apply
 
 torch.set_num_threads(1)
@@ -182,7 +182,7 @@ def test_real_swinir_m_on_set5():
     from sharpkd.data.degradation import degrade_image
     from sharpkd.deploy.images import read_rgb
     from sharpkd.metrics import QualityMetrics
-    from sharpkd.models.teacher import load_spandrel
+    from sharpkd.models.teacher_loader import load_spandrel
 
     model, arch, scale = load_spandrel(SWINIR_X4, 4)
     assert arch == "SwinIR" and scale == 4

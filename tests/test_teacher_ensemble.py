@@ -17,7 +17,7 @@ from sharpkd.data.datasets import TrainPatches
 from sharpkd.fetch import file_digest
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.student import Student
-from sharpkd.models.teacher import TeacherEnsemble, load_spandrel, load_teacher
+from sharpkd.models.teacher_loader import TeacherEnsemble, load_spandrel, load_teacher
 from sharpkd.teacher_cache import FeatureTap, Teacher, make_runner
 from sharpkd.teachers import TEACHER_SOURCES
 from sharpkd.tensors import run_tiled, tiled_apply

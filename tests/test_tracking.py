@@ -267,8 +267,8 @@ def test_a_copied_or_moved_checkout_keeps_its_artifacts_to_itself(workdir, monke
     the original's; a moved checkout writes nothing where it was and still reads its old runs."""
     from mlflow.artifacts import download_artifacts
 
-    from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
+    from sharpkd.onnx_export import export_onnx
     from sharpkd.tracking.registry import fetch_model
 
     onnx = export_onnx(Student(scale=2, channels=8, blocks=1).eval(), workdir / "student.onnx")
@@ -485,8 +485,8 @@ def start_mlflow_server(db: Path, port: int) -> subprocess.Popen:
 def test_tracking_server_uri_override(workdir, monkeypatch, mlflow_server, how):
     import torch
 
-    from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
+    from sharpkd.onnx_export import export_onnx
 
     torch.set_num_threads(1)
     uri, server_root = mlflow_server
@@ -521,8 +521,8 @@ def test_tracking_server_uri_override(workdir, monkeypatch, mlflow_server, how):
 def test_registered_students_resolve_through_a_tracking_server(workdir, monkeypatch, mlflow_server):
     """`--model models:/...` with MLFLOW_TRACKING_URI at a server: the ONNX file comes through it."""
     from sharpkd.deploy.models import resolve_model
-    from sharpkd.export import export_onnx
     from sharpkd.models.student import Student
+    from sharpkd.onnx_export import export_onnx
 
     uri, _ = mlflow_server
     (workdir / "mlflow.db").unlink()

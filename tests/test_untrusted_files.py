@@ -20,7 +20,7 @@ from sharpkd.cli import app
 from sharpkd.errors import UserError
 from sharpkd.losses import VGG19_FILE, DistillObjective
 from sharpkd.models.student import Student, load_student
-from sharpkd.models.teacher import load_spandrel, load_teacher
+from sharpkd.models.teacher_loader import load_spandrel, load_teacher
 from sharpkd.train import FitConfig, fit
 
 torch.set_num_threads(1)

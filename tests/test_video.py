@@ -20,8 +20,8 @@ from sharpkd.cli import app
 from sharpkd.deploy import encoding as E
 from sharpkd.deploy import frames as V
 from sharpkd.deploy import transcode as T
-from sharpkd.export import export_onnx
 from sharpkd.models.student import Student
+from sharpkd.onnx_export import export_onnx
 from sharpkd.tensors import to_image, to_tensor
 
 runner = CliRunner()

@@ -29,7 +29,7 @@ from sharpkd.data.datasets import PAIR_FILES, TEACHER_FILES, image_sizes, load_v
 from sharpkd.deploy.images import save_image
 from sharpkd.errors import UserError
 from sharpkd.fetch import file_digest
-from sharpkd.models.teacher import load_teacher, named_teacher, teacher_name
+from sharpkd.models.teacher_loader import load_teacher, named_teacher, teacher_name
 from sharpkd.progress import progress
 from sharpkd.tensors import default_device, run_tiled, tiled_apply, to_image, to_tensor
 
@@ -41,7 +41,7 @@ PROBE_SIDE = 16
 class FeatureTap:
     """Captures the outputs of named modules of the named teacher with forward hooks.
 
-    In an ensemble (models.teacher.TeacherEnsemble) they are the named teacher's modules, and its plain
+    In an ensemble (models.teacher_loader.TeacherEnsemble) they are the named teacher's modules, and its plain
     pass runs last of its passes, so what the hooks hold after a forward is its features of the input."""
 
     def __init__(self, model: torch.nn.Module, names: list[str]):

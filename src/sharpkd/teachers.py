@@ -9,9 +9,9 @@ train       an EDSR-style CNN trained from scratch on data/pairs through the one
 teacher.ensemble names further pretrained sources (swinir, pan, dctlsa: config.ENSEMBLE_SOURCES)
 whose teachers are averaged with teacher.source's (`obtain_members`).
 
-The teacher stage saves what a source returns as models/teacher/; models/teacher.py loads it back
+The teacher stage saves what a source returns as models/teacher/; models/teacher_loader.py loads it back
 (its TEACHER_LOADERS table keys on teacher.json's "loader", which each source names). Kept out of
-models/ because obtaining a teacher downloads, verifies and trains: models/teacher.py, which the
+models/ because obtaining a teacher downloads, verifies and trains: models/teacher_loader.py, which the
 later stages import, needs none of that code (nor reruns them when it changes).
 """
 
@@ -31,7 +31,7 @@ from sharpkd.fetch import PRETRAINED, fetch_weights, resolve_weights_dir
 from sharpkd.losses import SuperResolutionObjective
 from sharpkd.models.edsr import EDSR
 from sharpkd.models.pan import PAN
-from sharpkd.models.teacher import load_spandrel, load_state_dict_file
+from sharpkd.models.teacher_loader import load_spandrel, load_state_dict_file
 from sharpkd.train import distributed_setup, speed_fields
 
 

@@ -95,7 +95,7 @@ def _teacher_target(device: str, tile: int | None, overlap: int | None) -> Targe
     if not has_torch():
         raise UserError(f"--teacher needs the training stack: {PIPELINE_EXTRA}")
     from sharpkd.config import load_params
-    from sharpkd.models.teacher import load_teacher
+    from sharpkd.models.teacher_loader import load_teacher
     from sharpkd.torch_timing import tiled_target
 
     infer = load_params().infer if Path("params.yaml").is_file() else None
@@ -178,8 +178,8 @@ def student_targets(model_path: Path | None, threads: int) -> Iterator[tuple[lis
     with tempfile.TemporaryDirectory(prefix="sharpkd-bench-") as tmp:
         onnx, exported = files.get("onnx"), False
         if "checkpoint" in files:
-            from sharpkd.export import export_onnx
             from sharpkd.models.student import load_student
+            from sharpkd.onnx_export import export_onnx
 
             student = load_student(files["checkpoint"])
             notes.append(f"student: {files['checkpoint']} {student.arch_kwargs()}")
