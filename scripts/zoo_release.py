@@ -80,6 +80,11 @@ def quality(evaluation: dict, export: dict) -> dict:
     return out
 
 
+def f(v, d: int = 2) -> str:
+    """A figure with d decimals, n/a where it was not measured (the cards and tables alike)."""
+    return "n/a" if v is None else f"{v:.{d}f}"
+
+
 def build_card(name: str, title: str, order: int, checkout: Path, experiment: str, folder: Path) -> dict:
     export_card = _json(checkout / "models/export/model_card.json")
     train = _json(checkout / "metrics/train.json")
@@ -119,9 +124,6 @@ def build_card(name: str, title: str, order: int, checkout: Path, experiment: st
 
 def card_md(card: dict) -> str:
     """The model card a person reads, from card.json."""
-
-    def f(v, d=2):
-        return "n/a" if v is None else f"{v:.{d}f}"
 
     a = card["arch"]
     q = card["quality"]
@@ -291,9 +293,6 @@ def time_zoo(args) -> None:
 
 
 def render_table() -> str:
-    def f(v, d=2):
-        return "n/a" if v is None else f"{v:.{d}f}"
-
     rows = [
         "| student | params | Set5 fp32 / INT8 | Manga109 fp32 / INT8 | valid fp32 / INT8 | INT8 ms | fp32 ms "
         "| x FSRCNN |",
@@ -339,9 +338,6 @@ def render_adapt(checkout: Path) -> str:
     evaluation, export = _json(checkout / "metrics/eval.json"), _json(checkout / "metrics/export.json")
     adapted = quality(evaluation, export)
     start = zoo.card(zoo.name_of(record["from"]))["quality"]
-
-    def f(v, d=2):
-        return "n/a" if v is None else f"{v:+.{d}f}" if d < 0 else f"{v:.{d}f}"
 
     rows = [
         "| set | zoo student fp32 / INT8 | adapted fp32 / INT8 | change fp32 / INT8 |",

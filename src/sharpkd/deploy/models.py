@@ -11,7 +11,6 @@ serving and bench take.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from pathlib import Path
 
@@ -75,14 +74,6 @@ def model_kind(path: str | Path) -> tuple[Path, str]:
     return path, kind
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_onnx(path: Path, device: str, verification: Verification, threads: int = 0) -> Model:
     """An ONNX file as a Model: its scale from the metadata export.py writes, its pixel types from its I/O."""
     session = ort_session(path, device, threads)  # checks the CUDA provider itself
@@ -101,7 +92,7 @@ def load_model(spec: str | Path | None = None, device: str = "cpu", threads: int
     opened only inside `torch_models.trusting_code()`."""
     path, source = resolve_model(spec)
     path, kind = model_kind(path)
-    verification = Verification(sha256_of(path), source)
+    verification = Verification(zoo.sha256(path), source)
     if kind == "onnx":
         model = load_onnx(path, device, verification, threads)
     else:

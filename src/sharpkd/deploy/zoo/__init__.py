@@ -76,6 +76,7 @@ def name_of(spec: str) -> str:
 
 
 def sha256(path: Path) -> str:
+    """The sha256 of a file, read in blocks (the deploy wing's one digest: zoo files, loaded models)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
