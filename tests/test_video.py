@@ -320,11 +320,35 @@ def test_bench_video_times_the_clip_end_to_end_beside_the_model(tmp_path, models
     assert figures["speed.student.onnxruntime_cpu.64x48.fps"] > 0
     (row,) = data["video"]
     assert row["size"] == "64x48" and row["device"] == "cpu" and 0 < row["ratio"]
+    # Where the time went: each stage beside the model, and the model's own wall time.
+    stages = row["stages_ms"]
+    assert {"decode", "to RGB", "to YUV", "encode", "model (wall)"} <= set(stages)
+    assert stages["model (wall)"] > 0 and all(
+        v >= 0 for k, v in stages.items() if k != "model and the rest (CPU)"
+    )
+    assert "ms per frame: decode" in res.output
+
+
+def test_an_int8_model_takes_the_frames_bytes_with_no_float_round_trip():
+    """The INT8 zoo student gets uint8 planes and gives uint8 back: the same bytes as the float path
+    (to_float -> the model -> to_uint), without its four passes over every frame."""
+    from sharpkd.deploy.models import load_model
+    from sharpkd.deploy.pixels import to_float, to_uint
+
+    model = load_model("zoo:fast", "cpu")
+    assert model.takes_bytes
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 3, 40, 56), dtype=np.uint8)
+    io = V.ModelIO(model, 64, 0)
+    assert io.prepare(rgb[0]).dtype == np.uint8
+    assert V.ModelIO(model, 32, 0).prepare(rgb[0]).dtype == np.float32  # a frame in tiles: float
+    want = to_uint(model.run(to_float(rgb)))
+    assert np.array_equal(V.sharpen_frames(model, rgb, 64, 0), want)
 
 
 def test_model_io_rounds_as_the_image_path_does():
     class Model:  # values outside [0, 1] and halves of a level, as a real residual gives
         on_cpu = True
+        takes_bytes = False
 
         def apply(self, x, tile, overlap):
             return x * 1.37 - 0.2

@@ -84,16 +84,17 @@ def _alone_target(path: Path, device: str, threads: int) -> Target:
     return torch_target("student", runtime, load_model(path, device).run.module, device)
 
 
-def _video_target(path: Path, device: str, precision: str, clip: Path, opts) -> Target:
+def _video_target(path: Path, device: str, precision: str, clip: Path, opts, reports: list) -> Target:
     """`sharpkd sharpen clip.mp4` end to end (decode, sharpen, encode, mux; video.sharpen_video) as a timing
-    target: one call runs the whole clip. The model is loaded, and run once on a frame, before the timing."""
+    target: one call runs the whole clip, its report appended to `reports`. The model is loaded, and run
+    once on a frame, before the timing."""
 
     def make(x: np.ndarray):
         model = sharing_the_cpu(load_model(path, device))  # what sharpen_video runs, made and warmed here
         rgb = to_uint(x)
         sharpen_frames(model, rgb, max(rgb.shape[-2:]), 0)  # warm-up: ONNX Runtime's first run allocates
         out = clip.with_name(f"{clip.stem}_sharp_{device}.mp4")
-        return lambda: _expect_all(sharpen_video(model, clip, out, opts=opts), clip)
+        return lambda: reports.append(_expect_all(sharpen_video(model, clip, out, opts=opts), clip))
 
     how = f"end to end: decode, sharpen, {opts.describe()}"
     return Target("student", "video", device, precision, make, how, warmup=0)
@@ -117,8 +118,11 @@ def _video_rows(
         alone = _alone_target(path, device, threads)
         before = time_row(alone, x, label, repeats)
         dev_opts = replace(opts, codec=NVENC) if device == "cuda" and encoder_available(NVENC) else opts
-        target = _video_target(path, device, alone.precision, clip, dev_opts.on(device))
+        reports: list = []
+        target = _video_target(path, device, alone.precision, clip, dev_opts.on(device), reports)
         video = time_row(target, x, label, 1, per_call=frames) | {"frames": frames}
+        if reports:
+            video["stages_ms"] = {k: round(v, 2) for k, v in reports[-1].stage_ms().items()}
         after = time_row(alone, x, label, repeats)
         rows += [min(before, after, key=lambda r: r["ms"] or float("inf")), video]
     return rows
@@ -135,7 +139,8 @@ def video_summary(rows: list[dict]) -> list[dict]:
         ratio = round(r["fps"] / a["fps"], 3) if r["fps"] and a["fps"] else None
         out.append(
             {"device": r["device"], "size": r["size"], "end_to_end_fps": r["fps"], "model_fps": a["fps"],
-             "ratio": ratio, "how": r["how"], "model": f"{a['runtime']} {a['precision']}"}
+             "ratio": ratio, "how": r["how"], "model": f"{a['runtime']} {a['precision']}",
+             "stages_ms": r.get("stages_ms", {})}
         )  # fmt: skip
     return out
 
@@ -168,9 +173,14 @@ def run_video_bench(model_path: str | Path | None = None, sizes: str = VIDEO_SIZ
 
 
 def video_lines(result: dict) -> list[str]:
-    """The video rows' ratios, one line each."""
-    return [
-        f"video {v['size']} on {v['device']}: end to end {v['end_to_end_fps']} frames/s = "
-        f"{v['ratio']} of the model alone ({v['model']}, {v['model_fps']} frames/s); {v['how']}"
-        for v in result.get("video", [])
-    ]
+    """The video rows' ratios, one line each, and under each where a frame's time went."""
+    lines = []
+    for v in result.get("video", []):
+        lines.append(
+            f"video {v['size']} on {v['device']}: end to end {v['end_to_end_fps']} frames/s = "
+            f"{v['ratio']} of the model alone ({v['model']}, {v['model_fps']} frames/s); {v['how']}"
+        )
+        if v.get("stages_ms"):
+            stages = ", ".join(f"{k} {ms:.1f}" for k, ms in v["stages_ms"].items())
+            lines.append(f"  ms per frame: {stages} (CPU ms beside the model, each in its own thread)")
+    return lines

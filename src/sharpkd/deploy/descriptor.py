@@ -10,6 +10,7 @@ from typing import Literal
 
 import numpy as np
 
+from sharpkd.deploy.pixels import to_float, to_uint
 from sharpkd.deploy.sessions import OnnxFunction, ort_session
 from sharpkd.deploy.tiling import tiled_apply
 from sharpkd.errors import UserError
@@ -69,6 +70,20 @@ class Model:
         if what is not None and not np.isfinite(out.sum()):
             self._refuse(f"its output on {what} holds NaN or infinite values")
         return out
+
+    @property
+    def takes_bytes(self) -> bool:
+        """Whether the model's own pixels are uint8 both ways (the INT8 export), so 8-bit frames can go
+        through it with no float conversion (`run_bytes`)."""
+        return self.input_type == self.output_type == "uint8" and hasattr(self.run, "run_native")
+
+    def run_bytes(self, x: np.ndarray) -> np.ndarray:
+        """(B,3,H,W) uint8 -> (B,3,H,W) uint8, one call, untiled (a video frame whole). A uint8 model gets the
+        bytes as they are: the float round trip `run` makes costs more CPU than a fast student itself at
+        1080p. Any other model converts at the boundary (pixels.to_float / to_uint)."""
+        y = self.run.run_native(x) if self.takes_bytes else to_uint(self.run(to_float(x)), in_place=True)
+        self._refuse(_size_problem(x, y))
+        return y
 
     def _refuse(self, problem: str | None) -> None:
         if problem:

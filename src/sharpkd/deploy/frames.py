@@ -1,8 +1,9 @@
-"""Video frames as pixel planes, and the model between uint8 frames and its float input (`ModelIO`).
+"""Video frames as pixel planes, and the model between uint8 frames and its input (`ModelIO`).
 
 A decoded frame becomes its R, G and B planes through swscale (`rgb_planes`), with the frame's own colour
-matrix and range; the model's float output goes back to swscale as it is (`rgb_frame`), so it is rounded
-once, into YUV. The conversions are pixels.to_float / to_uint, the ones image files use.
+matrix and range; the model's output goes back to swscale as it is (`rgb_frame`): the INT8 model's bytes,
+or a float model's float32, then rounded once, into YUV. The conversions are pixels.to_float / to_uint, the
+ones image files use.
 """
 
 from __future__ import annotations
@@ -58,27 +59,36 @@ def rgb_frame(rgb: np.ndarray, frame=None):
 
 
 class ModelIO:
-    """The model between uint8 frames and its float arrays: `prepare` one frame (reader thread), `run` a
-    batch (main thread), `finish` one frame (writer thread), so the conversions run beside the model."""
+    """The model between uint8 frames and its arrays: `prepare` one frame (reader thread), `run` a batch (main
+    thread), `finish` one frame (writer thread), so the conversions run beside the model. A uint8 model (the
+    INT8 export) on whole frames gets the frames' bytes and gives bytes back (`bytes`): no float array is
+    made at all. Any other model, or a frame in tiles, gets float32 in [0,1]."""
 
     def __init__(self, model: Model, tile: int, overlap: int):
         self.model, self.tile, self.overlap = model, tile, overlap
         self.on_cpu = model.on_cpu  # the model's own work (the reader and writer then yield to it)
+        self.bytes = model.takes_bytes
         # Input buffers back from `run`, filled again: a fresh 25 MB array per 1080p frame cost 8x the
         # division itself in page faults.
         self.free: queue.SimpleQueue = queue.SimpleQueue()
 
     def prepare(self, rgb) -> np.ndarray:
-        """R, G, B planes (a (3,H,W) uint8 array or three (H,W) ones) -> run's input: (3,H,W) float32 in [0,1]."""
+        """R, G, B planes (a (3,H,W) uint8 array or three (H,W) ones) -> run's input: (3,H,W), uint8 for a
+        uint8 model on whole frames (`bytes`), else float32 in [0,1]."""
         shape = (3, *rgb[0].shape)
+        whole = self.bytes and max(shape[1:]) <= self.tile
+        dtype = np.uint8 if whole else np.float32
         try:
             x = self.free.get_nowait()
         except queue.Empty:
-            x = np.empty(shape, np.float32)
-        if x.shape != shape:
-            x = np.empty(shape, np.float32)
+            x = np.empty(shape, dtype)
+        if x.shape != shape or x.dtype != dtype:
+            x = np.empty(shape, dtype)
         for c in range(3):
-            to_float(rgb[c], out=x[c])
+            if whole:
+                x[c] = rgb[c]
+            else:
+                to_float(rgb[c], out=x[c])
         return x
 
     def release(self, x: np.ndarray) -> None:
@@ -86,14 +96,16 @@ class ModelIO:
         self.free.put(x)
 
     def run(self, batch: list[np.ndarray]) -> np.ndarray:
-        """Prepared frames -> the model's (B,3,H,W) float32 output."""
+        """Prepared frames -> the model's (B,3,H,W) output: uint8 from uint8 input, else float32."""
         x = batch[0][None] if len(batch) == 1 else np.stack(batch)
+        if x.dtype == np.uint8:
+            return self.model.run_bytes(x)
         return self.model.apply(x, self.tile, self.overlap)
 
     @staticmethod
     def finish(y: np.ndarray) -> np.ndarray:
-        """One frame of run's output -> (3,H,W) uint8 (y is used as scratch space)."""
-        return to_uint(y, 8, in_place=True)
+        """One frame of run's output -> (3,H,W) uint8 (a float y is used as scratch space)."""
+        return y if y.dtype == np.uint8 else to_uint(y, 8, in_place=True)
 
 
 def sharpen_frames(model: Model, rgb: np.ndarray, tile: int, overlap: int) -> np.ndarray:

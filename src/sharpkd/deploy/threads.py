@@ -2,13 +2,13 @@
 large frames):
 
   reader   demux, decode (with FFmpeg's own threads on a GPU), each frame to planar RGB (swscale), and to
-           the model's float input (frames.ModelIO.prepare)
+           the model's input (frames.ModelIO.prepare)
   main     the model, on batches of frames: only the model, so it runs back to back
-  writer   the model's planar RGB output (float32) -> the encoder's pixel format (swscale), encode, mux;
-           the copied packets muxed
+  writer   the model's planar RGB output -> the encoder's pixel format (swscale), encode, mux; the copied
+           packets muxed
 
 Copied packets travel through the same queues, in file order. The first thread that fails stops the
-others, and its error is raised.
+others, and its error is raised. `StageClock` records where the time goes (`sharpkd bench --video`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import os
 import queue
 import sys
 import threading
+import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -45,6 +47,30 @@ class Sink(Protocol):
 def depth(width: int, height: int) -> int:
     """Items per queue: QUEUE_DEPTH, fewer where frames are large (QUEUE_BYTES of float frames at most)."""
     return int(np.clip(QUEUE_BYTES // (12 * width * height), 3, QUEUE_DEPTH))
+
+
+class StageClock:
+    """Where one video's time goes. `cpu`: CPU seconds per stage, each taken in the thread that runs it
+    (time.thread_time, so a stage is charged what it took from the cores, not its waits); `model`: the
+    model's wall seconds (its work is in ONNX Runtime's or torch's own threads); `process`: the whole
+    process's CPU seconds."""
+
+    def __init__(self):
+        self.cpu: dict[str, float] = defaultdict(float)  # each key is written by one thread only
+        self.model = 0.0
+        self._process = time.process_time()
+        self.process = 0.0
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.thread_time()
+        try:
+            yield
+        finally:
+            self.cpu[name] += time.thread_time() - t
+
+    def stop(self) -> None:
+        self.process = time.process_time() - self._process
 
 
 class _Stopped(Exception):
@@ -128,6 +154,7 @@ class Run:
     out: Sink
     preview: Sink | None
     written: Callable[[], None]  # called after each frame is written
+    clock: StageClock = field(default_factory=StageClock)
 
     def run(self, head: list, rest: Iterator[object], depth: int) -> None:
         pipe = _Pipe()
@@ -140,11 +167,13 @@ class Run:
         except BaseException as exc:  # Ctrl-C included: the other threads stop too
             pipe.fail(exc)
         pipe.join()
+        self.clock.stop()
 
     def _prepared(self, items: Iterable[object]) -> Iterator[object]:
         for item in items:
             if isinstance(item, Frame):
-                item.x = self.io.prepare(item.rgb)
+                with self.clock.stage("to RGB"):
+                    item.x = self.io.prepare(item.rgb)
             yield item
 
     def _read(self, pipe: _Pipe, items: Iterable[object], q_in: queue.Queue) -> None:
@@ -168,7 +197,9 @@ class Run:
         pipe.put(q_out, _END)
 
     def _sharpen_batch(self, pipe: _Pipe, batch: list[Frame], q_out: queue.Queue) -> None:
+        t = time.perf_counter()
         out = self.io.run([f.x for f in batch])
+        self.clock.model += time.perf_counter() - t
         for f, y in zip(batch, out, strict=True):
             self.io.release(f.x)
             f.x, f.y = None, y

@@ -25,7 +25,7 @@ from sharpkd.deploy.encoding import CONTAINERS, VideoOptions, ffmpeg_why, pixel_
 from sharpkd.deploy.frames import SWS_THREADS, Frame, ModelIO, rgb_frame, rgb_planes
 from sharpkd.deploy.images import printable
 from sharpkd.deploy.models import Model
-from sharpkd.deploy.threads import Run, depth
+from sharpkd.deploy.threads import Run, StageClock, depth
 from sharpkd.deploy.tiling import frame_tile
 from sharpkd.errors import UserError
 
@@ -50,6 +50,17 @@ class Report:
     codec: str = ""
     pixel_format: str = ""
     seconds: float = 0.0
+    clock: StageClock | None = None  # where the time went
+
+    def stage_ms(self) -> dict[str, float]:
+        """Per written frame: CPU ms of each stage beside the model, the model's wall ms, and the CPU ms of
+        the rest of the process (the model's threads, the encoder's own threads, Python)."""
+        c, n = self.clock, max(self.frames, 1)
+        if c is None:
+            return {}
+        beside = {k: 1000 * v / n for k, v in c.cpu.items()}
+        rest = 1000 * c.process / n - sum(beside.values())
+        return {**beside, "model (wall)": 1000 * c.model / n, "model and the rest (CPU)": rest}
 
     def lose(self, when: float | None, why: str) -> None:
         self.lost += 1
@@ -93,8 +104,8 @@ class _Reader:
     """The input's packets in file order: frames of the video stream decoded to `_Frame`s, the other streams'
     packets as they are. What cannot be decoded is counted in the report."""
 
-    def __init__(self, container, stream, report: Report):
-        self.container, self.stream, self.report = container, stream, report
+    def __init__(self, container, stream, report: Report, clock: StageClock):
+        self.container, self.stream, self.report, self.clock = container, stream, report, clock
         self.first = None  # the first decoded av.VideoFrame (its size, rotation and colour tags)
 
     def items(self) -> Iterator[object]:
@@ -114,7 +125,8 @@ class _Reader:
 
     def _decode(self, packet) -> Iterator[Frame]:
         try:
-            frames = self.stream.decode(packet)
+            with self.clock.stage("decode"):
+                frames = self.stream.decode(packet)
         except av.FFmpegError as exc:
             if packet is not None and packet.size:
                 self.report.lose(_seconds(packet), ffmpeg_why(exc))
@@ -130,7 +142,9 @@ class _Reader:
                     self.report.notes.append(f"{bits}-bit input written as 8-bit")
             w, h = self.first.width, self.first.height
             self.report.resized += (frame.width, frame.height) != (w, h)
-            yield Frame(rgb_planes(frame, w, h), frame.pts)
+            with self.clock.stage("to RGB"):
+                planes = rgb_planes(frame, w, h)
+            yield Frame(planes, frame.pts)
 
 
 def _rate(stream, report: Report) -> Fraction:
@@ -144,9 +158,11 @@ def _rate(stream, report: Report) -> Fraction:
 class _Encoder:
     """The output's video stream: planar RGB frames in, encoded packets muxed (on the writer thread)."""
 
-    def __init__(self, container, opts: VideoOptions, vin, first, width: int, rate: Fraction):
+    def __init__(
+        self, container, opts: VideoOptions, vin, first, width: int, rate: Fraction, clock: StageClock
+    ):
         codec = av.Codec(opts.codec, "w")
-        self.container = container
+        self.container, self.clock = container, clock
         self.stream = st = container.add_stream(opts.codec, rate=rate)
         st.width, st.height = width, first.height
         st.pix_fmt = pixel_format(codec, first.format, width, first.height)
@@ -167,13 +183,14 @@ class _Encoder:
 
     def write(self, rgb: np.ndarray, pts: int | None) -> None:
         """One frame, (3,H,W) uint8 or float32 RGB (rgb_frame)."""
-        self.planar[rgb.dtype] = src = rgb_frame(rgb, self.planar.get(rgb.dtype))
-        frame = src.reformat(
-            format=self.stream.pix_fmt,
-            threads=SWS_THREADS,
-            dst_colorspace=self.colours["colorspace"],
-            dst_color_range=self.colours["color_range"],
-        )
+        with self.clock.stage("to YUV"):
+            self.planar[rgb.dtype] = src = rgb_frame(rgb, self.planar.get(rgb.dtype))
+            frame = src.reformat(
+                format=self.stream.pix_fmt,
+                threads=SWS_THREADS,
+                dst_colorspace=self.colours["colorspace"],
+                dst_color_range=self.colours["color_range"],
+            )
         for k, v in self.colours.items():
             setattr(frame, k, v)
         # The input's timestamps; one frame on from the last where it has none or repeats one.
@@ -181,10 +198,12 @@ class _Encoder:
             pts = 0 if self.last is None else self.last + self.step
         self.last = frame.pts = pts
         frame.time_base = self.stream.codec_context.time_base
-        self.container.mux(self.stream.encode(frame))
+        with self.clock.stage("encode"):
+            self.container.mux(self.stream.encode(frame))
 
     def finish(self) -> None:
-        self.container.mux(self.stream.encode(None))
+        with self.clock.stage("encode"):
+            self.container.mux(self.stream.encode(None))
 
 
 @dataclass
@@ -201,11 +220,11 @@ class _Output:
     """One output file: the sharpened video stream and, unless `video_only`, the copied streams."""
 
     def __init__(self, path: Path, suffix: str, src: _Source, opts: VideoOptions, width: int, report: Report,
-                 video_only: bool = False):  # fmt: skip
+                 clock: StageClock, video_only: bool = False):  # fmt: skip
         self.container = av.open(str(path), "w", format=CONTAINERS[suffix])
         try:
             self.container.metadata.update(_global_metadata(src.container))
-            self.video = _Encoder(self.container, opts, src.stream, src.first, width, src.rate)
+            self.video = _Encoder(self.container, opts, src.stream, src.first, width, src.rate, clock)
             self.copied = (
                 {} if video_only else _copy_streams(src.container, src.stream, self.container, suffix, report)
             )
@@ -338,15 +357,16 @@ def sharpen_video(
     model = sharing_the_cpu(model)
     with contextlib.closing(_open_input(src)) as inp, contextlib.ExitStack() as stack:
         vin = _video_stream(inp, src, report, model.on_cpu)
-        reader = _Reader(inp, vin, report)
+        clock = StageClock()
+        reader = _Reader(inp, vin, report, clock)
         items = reader.items()
         head = _head(items, reader, src)
         source = _Source(inp, vin, reader.first, _rate(vin, report))
         w, h = source.first.width, source.first.height
-        out = stack.enter_context(_closed(_Output(dst, suffix, source, opts, w, report)))
+        out = stack.enter_context(_closed(_Output(dst, suffix, source, opts, w, report, clock)))
         pout = None
         if preview is not None:
-            pout = _Output(preview, suffix, source, opts, 2 * w, report, video_only=True)
+            pout = _Output(preview, suffix, source, opts, 2 * w, report, clock, video_only=True)
             stack.enter_context(_closed(pout))
         tiling = frame_tile(tile, w, h)
 
@@ -355,8 +375,9 @@ def sharpen_video(
             if on_frame:
                 on_frame(report.frames, report.listed or None)
 
-        run = Run(ModelIO(model, tiling, overlap), _batch(model, opts), out, pout, written)
+        run = Run(ModelIO(model, tiling, overlap), _batch(model, opts), out, pout, written, clock)
         run.run(head, items, depth(w, h))
+        report.clock = clock
         report.size, report.rate, report.codec = (w, h), source.rate, opts.codec
         report.pixel_format = out.video.stream.pix_fmt
         if report.resized:
