@@ -271,19 +271,3 @@ def test_misaligned_arrays_are_refused(tmp_path):
     np.save(pairs / "train_lr.npy", np.zeros(10, np.uint8))
     with pytest.raises(UserError, match="lr holds 10 values"):
         TrainPatches(pairs, keys=("hr", "lr"), patch_size=8)
-
-
-def test_int8_calibration_crops_are_drawn_in_the_students_mix(tmp_path):
-    """The INT8 ranges are calibrated on what the student trains on: with teacher-only inputs at 0.25 of each
-    batch, 2 of 8 calibration crops come from them (their coded first channel is 100 + image), none without."""
-    from sharpkd.quantize import calibration_crops
-
-    pairs, _ = _fake_pairs(tmp_path, [(20, 24), (16, 30), (18, 18)], extra=[(9, 7), (12, 10)])
-    scale = json.loads((pairs / "pairs.json").read_text())["scale"]
-
-    def images(crops):  # float crops in [0,1]; channel 0 holds the image's code
-        return [round(float(c[0, 0].max()) * 255) for c in crops]
-
-    mixed = images(calibration_crops(pairs, 2 * scale, 8, 0, teacher_only_fraction=0.25))
-    assert len(mixed) == 8 and sum(i >= 100 for i in mixed) == 2
-    assert all(i < 100 for i in images(calibration_crops(pairs, 2 * scale, 8, 0)))

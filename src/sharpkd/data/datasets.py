@@ -126,12 +126,13 @@ class TrainPatches:
         self.fraction = teacher_only_fraction
         self.pools = [self._pool(pairs_dir, teacher_dir, "train", self.keys)]
         if teacher_only_fraction > 0:
-            own = tuple(k for k in self.keys if k != "hr")
-            if teacher_dir is None and any(k not in PAIR_FILES["teacher_only"] for k in own):
+            if teacher_dir is None:
                 raise ValueError(
                     "teacher-only inputs need teacher_dir (the teacher's output is their target)"
                 )
-            self.pools.append(self._pool(pairs_dir, teacher_dir, "teacher_only", own))
+            self.pools.append(
+                self._pool(pairs_dir, teacher_dir, "teacher_only", tuple(k for k in self.keys if k != "hr"))
+            )
         self.n = len(self.pools[0])
 
     def _pool(self, pairs_dir, teacher_dir, kind: str, keys: tuple[str, ...]) -> ImagePool:
