@@ -90,6 +90,14 @@ def build_card(name: str, title: str, order: int, checkout: Path, experiment: st
     train = _json(checkout / "metrics/train.json")
     used = export_card.get("params_used", {})
     arch = export_card.get("architecture", {})
+    training = {
+        k: train.get(k)
+        for k in ("steps", "best_step", "val_psnr", "seconds", "steps_per_s", "precision", "init_sha256")
+    }
+    training["init_sha256"] = training["init_sha256"] or (export_card.get("training") or {}).get(
+        "init_sha256"
+    )
+    training["total_steps"] = _total_steps(training, used.get("student.init"))
     return {
         "name": name,
         "title": title,
@@ -113,9 +121,7 @@ def build_card(name: str, title: str, order: int, checkout: Path, experiment: st
         "teacher": {k: v for k, v in (export_card.get("teacher") or {}).items() if not isinstance(v, dict)},
         "data": {k: v for k, v in (export_card.get("data") or {}).items() if k != "degradation"},
         "recipe": {k: used.get(k) for k in RECIPE_KEYS if k in used},
-        "training": {
-            k: train.get(k) for k in ("steps", "best_step", "val_psnr", "seconds", "steps_per_s", "precision")
-        },
+        "training": training,
         "quality": quality(export_card.get("evaluation") or {}, export_card.get("int8") or {}),
         "int8": {k: v for k, v in (export_card.get("int8") or {}).items() if k.count(".") == 1},
         "speed": {},
@@ -145,6 +151,7 @@ def card_md(card: dict) -> str:
         f"- training: {card['training'].get('steps')} steps, best validation at step "
         f"{card['training'].get('best_step')} ({f(card['training'].get('val_psnr'))} dB), "
         f"{f((card['training'].get('seconds') or 0) / 60, 0)} min ({card['training'].get('precision')})",
+        *_started_from(card),
         f"- experiment `{card['made_by']['experiment']}` of `{card['made_by']['profile']}` (docs/zoo.md)",
         "",
         "## Quality (PSNR / SSIM on Y, border 4 cropped)",
@@ -173,6 +180,32 @@ def card_md(card: dict) -> str:
     ]
     lines += ["", "sharpkd checks each file against its sha256 here before loading it.", ""]
     return "\n".join(lines)
+
+
+def _total_steps(training: dict, init: str | None) -> int | None:
+    """Steps from random weights: this run's, plus those of the zoo student it started from when that is
+    the published one (its student.pth sha256 matches); None when the start is not known here."""
+    if not training.get("init_sha256"):
+        return training.get("steps")
+    if not init or not zoo.is_zoo(init):
+        return None
+    start = zoo.card(zoo.name_of(init))
+    if start["files"]["student.pth"]["sha256"] != training["init_sha256"]:
+        return None
+    before = start["training"].get("total_steps") or start["training"].get("steps")
+    return before + training["steps"] if before and training.get("steps") else None
+
+
+def _started_from(card: dict) -> list[str]:
+    """A line naming the weights training started from, for a student fine-tuned from another (none else)."""
+    sha = card["training"].get("init_sha256")
+    if not sha:
+        return []
+    total = card["training"].get("total_steps")
+    return [
+        f"- started from `{card['recipe'].get('student.init')}` as it was then (student.pth sha256 `{sha}`): "
+        f"{total or 'an unknown number of'} steps in all"
+    ]
 
 
 def _images(data: dict) -> str:
