@@ -135,6 +135,7 @@ def test_a_torchscript_model_that_is_not_the_export_runs_only_with_trust_code(
 
 def test_the_checkouts_own_torchscript_export_is_taken_by_its_recorded_hash(tmp_path, monkeypatch, student):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / ".git").mkdir()  # a checkout: only its root's card vouches for its export (round 4, row 3)
     export = tmp_path / "models" / "export"
     export.mkdir(parents=True)
     shutil.copy(student["pt"], export / "student.pt")

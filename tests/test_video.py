@@ -372,3 +372,66 @@ def test_sharpen_writes_the_containers_video_knows():
         VIDEO_SAVE_SUFFIXES == set(E.CONTAINERS)
         and VIDEO_KEPT_SUFFIXES <= VIDEO_SAVE_SUFFIXES <= VIDEO_SUFFIXES
     )
+
+
+def test_row07_a_download_cut_short_loses_the_frames_its_container_lists(tmp_path, models):
+    """Issue 40 row 7: an MP4 with its index first (faststart) cut in half: the frames the container
+    lists and the file no longer holds are lost frames, reported, exit 1 (were: a note, exit 0)."""
+    clip = write_clip(tmp_path / "c.mp4", frames(30, 64, 48), options={"g": "1"})  # frames of like sizes
+    first = tmp_path / "first.mp4"  # the same packets, the index moved to the front
+    with av.open(str(clip)) as inp, av.open(str(first), "w", options={"movflags": "faststart"}) as out:
+        vout = out.add_stream_from_template(inp.streams.video[0])
+        for p in inp.demux(video=0):
+            if p.dts is not None:
+                p.stream = vout
+                out.mux(p)
+    data = first.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    res = sharpen(cut, model=models["same"])
+    written = len(decoded(tmp_path / "cut_sharp.mp4"))
+    assert res.exit_code == 1, res.output
+    assert 0 < written < 30 and f"{30 - written} frame(s) could not be decoded" in res.stderr
+
+
+def test_row16_a_stream_cut_before_its_first_keyframe_counts_the_frames_it_drops(tmp_path, models):
+    """Issue 40 row 16: a transport stream that starts mid-GOP: the packets before the first keyframe
+    decode to nothing; they are counted as lost, not dropped without a word."""
+    ts = write_clip(tmp_path / "a.ts", frames(40, 64, 48), options={"g": "25", "bf": "0"})
+    with av.open(str(ts)) as inp, av.open(str(tmp_path / "cut.ts"), "w", format="mpegts") as out:
+        vin = inp.streams.video[0]
+        vout = out.add_stream_from_template(vin)
+        for i, p in enumerate(p for p in inp.demux(vin) if p.size):
+            if i >= 5:  # from the 6th frame: 20 before the next keyframe (frame 25)
+                p.stream = vout
+                out.mux(p)
+    res = sharpen(tmp_path / "cut.ts", model=models["same"])
+    (out,) = tmp_path.glob("cut_sharp.*")  # a .ts becomes an .mp4
+    written = len(decoded(out))
+    assert res.exit_code == 1, res.output
+    assert written + int(res.stderr.split(" frame(s)")[0].split()[-1]) == 35, res.stderr
+
+
+def test_row15_avi_is_refused_as_an_output_before_any_work(tmp_path, models):
+    """Issue 40 row 15: AVI has no timestamps (a VFR clip came out at 1000 fps, audio 0.12 s off): `-o
+    x.avi` is refused at planning; an .avi input is still read (and written as .mp4)."""
+    clip = write_clip(tmp_path / "a.mp4", frames(2, 32, 32), audio=True)
+    res = sharpen(clip, "-o", tmp_path / "x.avi", model=models["same"])
+    assert res.exit_code == 1 and "AVI cannot keep frame times" in res.stderr, res.output
+    assert not (tmp_path / "x.avi").exists()
+
+
+def test_row06_joined_segments_whose_timestamps_go_back_are_written_continuous(tmp_path, models):
+    """Issue 40 row 6: two transport streams joined end to end (the second starts again at 0) with audio:
+    FFmpeg's muxer refused the copied audio ('returned 22'); now every stream continues from its last
+    timestamp, and a note says where."""
+    a = write_clip(tmp_path / "a.ts", frames(6, 64, 48), audio=True)
+    b = write_clip(tmp_path / "b.ts", frames(6, 64, 48, seed=1), audio=True)
+    joined = tmp_path / "j.ts"
+    joined.write_bytes(a.read_bytes() + b.read_bytes())
+    res = sharpen(joined, "-o", tmp_path / "j.mkv", model=models["same"])
+    assert res.exit_code == 0, res.output
+    assert "timestamps go back" in res.output
+    assert len(decoded(tmp_path / "j.mkv")) == 12
+    times = [t for _, t, _ in packets(tmp_path / "j.mkv", "audio")]
+    assert times == sorted(times) and len(set(times)) == len(times)

@@ -240,6 +240,10 @@ def bench(
 
     console = Console()
     with _user_errors(), trusting_code(trust_code):
+        if video and teacher:  # the video bench times the student only: refused, not silently dropped
+            raise UserError(
+                "--teacher: not timed with --video; run `sharpkd bench --teacher` without --video"
+            )
         check_output_file(json_path, "--json")  # before any timing
         with console.status("timing...") as status:
 

@@ -12,12 +12,13 @@ the colour model's output), alpha is kept as it is, 16-bit stays 16-bit.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from sharpkd.deploy.encoding import VideoOptions
+from sharpkd.deploy.encoding import VideoOptions, check_container
 from sharpkd.deploy.jobs import Job, default_output, is_video
 from sharpkd.deploy.models import Model, load_model
 from sharpkd.deploy.sharpen import sharpen_image, sharpen_pixels, sharpen_video
@@ -93,8 +94,11 @@ def sharpen_file(
     dst = Path(dst) if dst is not None else src.with_name(default_output(src))
     if not src.is_file():
         raise UserError(f"{src}: no such file")
-    if dst.exists() and not overwrite:
+    # lexists: a dangling symlink is taken too (the final rename would refuse it after the work).
+    if os.path.lexists(dst) and not overwrite:
         raise UserError(f"{dst} exists; pass overwrite=True to replace it")
+    if is_video(src):
+        check_container(video or VideoOptions(), dst.suffix)  # before the model is loaded
     net = _model(model, device)
     tile, overlap = check_tiling(tile, overlap)
     job = Job(src, dst, None, overwrite)

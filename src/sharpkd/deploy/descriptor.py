@@ -21,6 +21,14 @@ PixelType = Literal["float32", "float16", "uint8"]
 ANY_SCALE_GRID = 12
 # The side of the test image a loaded model is run on (rounded up to its grid).
 PROBE_SIDE = 32
+# The scales a model may declare (its ONNX metadata, its TorchScript `scale`): the test image and every tile
+# grow with it (a scale of 100000 would have the load check allocate 240 GB).
+MAX_SCALE = 8
+# The test image's pixels are uniform in [0, 1]; a sharpening model's output keeps their mean (0.5) and
+# spans about as much (more where it sharpens hard: noise is its worst case). An output averaging above
+# PROBE_MEAN (0-255 values, read as 0-1) or spanning under PROBE_SPAN (0-1 values given as bytes, read as
+# 0-255) is in the wrong range: every image would come out white or black.
+PROBE_MEAN, PROBE_SPAN = 2.0, 0.05
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,6 @@ class Model:
     spinning: bool  # ONNX Runtime's threads busy-wait between runs
     verification: Verification
     run: Callable[[np.ndarray], np.ndarray] = field(repr=False, compare=False)
-    fixed_size: tuple[int, int] | None = None  # (height, width) of a model that takes one size only
     layout: str = "NCHW RGB"
 
     @property
@@ -90,10 +97,10 @@ class Model:
             raise UserError(f"{self.path}: not a sharpening model: {problem}; nothing was written")
 
     def check_outputs(self) -> None:
-        """Run once on a small test image (the model's own size where it takes one size only): a UserError
-        naming the file when the output is not the input's size, not finite, or cannot be computed."""
+        """Run once on a small test image: a UserError naming the file when the output is not the input's
+        size, not finite, not in the input's 0-1 range (PROBE_MEAN, PROBE_SPAN), or cannot be computed."""
         side = -(-PROBE_SIDE // self.tile_grid) * self.tile_grid
-        h, w = self.fixed_size or (side, side + self.tile_grid)
+        h, w = side, side + self.tile_grid
         x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
         try:
             y = self.run(x)
@@ -104,6 +111,12 @@ class Model:
         self._refuse(_size_problem(x, y))
         if not np.isfinite(y).all():
             self._refuse(f"its output on a {h}x{w} test image holds NaN or infinite values")
+        low, high = float(y.min()), float(y.max())
+        if float(y.mean()) > PROBE_MEAN or high - low < PROBE_SPAN:
+            self._refuse(
+                f"its output on a {h}x{w} test image of 0-1 pixels spans {low:.3g} to {high:.3g}, not 0-1 "
+                f"(it takes {self.input_type} and gives {self.output_type}: 0-255 values on one side only?)"
+            )
 
     def with_session(self, threads: int | None = None, spinning: bool | None = None) -> Model:
         """This ONNX model in a new session with other options (the same model for any other kind)."""
@@ -127,6 +140,20 @@ def _size_problem(x: np.ndarray, y) -> str | None:
         return None
     got = "x".join(map(str, shape)) if shape else f"a {type(y).__name__}, not an array"
     return f"a {'x'.join(map(str, x.shape))} input gives {got} (a sharpening model keeps the size)"
+
+
+def model_scale(path: Path, value: object, where: str) -> int | None:
+    """The scale a model declares (`where`: its metadata key or attribute), None when it declares none; a
+    UserError naming the model when it is not a whole number from 1 to MAX_SCALE."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.isdecimal() and 1 <= int(text) <= MAX_SCALE:
+        return int(text)
+    raise UserError(
+        f"{path}: its {where} = {text[:40]!r} is not a scale (a whole number from 1 to {MAX_SCALE}, "
+        "as `dvc repro export` writes it)"
+    )
 
 
 def first_line(exc: BaseException) -> str:

@@ -8,7 +8,9 @@ stays 4:2:2 where its width allows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -18,7 +20,7 @@ import av
 from sharpkd.errors import UserError
 
 # Output suffix -> FFmpeg muxer (given explicitly: the temporary name must not decide it).
-CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".webm": "webm"}
+CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
 DEFAULT_CODEC = "libx264"
 # --crf when not given: "visually lossless" (the encoders' own defaults, 23 and 28, blur the detail we add).
 DEFAULT_CRF = {"libx264": 18, "libx265": 20}
@@ -26,6 +28,12 @@ DEFAULT_CRF = {"libx264": 18, "libx265": 20}
 # the fastest (on 2 cores at 1080p, x264's ultrafast costs the INT8 student about a fifth of its speed,
 # veryfast a third, medium more than half; the files are larger at the same crf). On a GPU: the encoder's.
 CPU_PRESET = {"libx264": "ultrafast", "libx265": "ultrafast"}
+# Encoder threads with the model on the CPU: x264 on the writer thread itself, which yields to the model
+# (threads.BEHIND_THE_MODEL), rather than on its own frame threads, which take cores from it. On 2 cores
+# (AMD EPYC, 1080p, the balanced INT8 student) end to end against the model alone: 0.88, 0.88, 0.87 and
+# 0.75 against 0.80 and 0.82 with x264's default; for the fast one no clear difference (0.67-0.94 either
+# way: the model alone itself varied from 20 to 30 frames/s between runs).
+CPU_ENCODER_THREADS = {"libx264": 1}
 # The option --crf sets, per encoder; these also get "b": "0" (constant quality, no bit-rate cap).
 QUALITY_OPTION = {
     "libx264": "crf",
@@ -52,6 +60,7 @@ class VideoOptions:
     crf: int | None = None
     preset: str | None = None
     batch: int = 0
+    threads: int = 0  # the encoder's threads (0: its default)
 
     def encoder_options(self) -> dict[str, str]:
         """The encoder's AVOptions for --crf and --preset."""
@@ -60,6 +69,8 @@ class VideoOptions:
         opts = dict(QUIET.get(self.codec, {}))
         if self.preset:
             opts["preset"] = self.preset
+        if self.threads:
+            opts["threads"] = str(self.threads)
         crf = self.crf if self.crf is not None else DEFAULT_CRF.get(self.codec)
         if crf is None:
             return opts
@@ -75,10 +86,13 @@ class VideoOptions:
         return opts
 
     def on(self, device: str) -> VideoOptions:
-        """These options for a model on `device`: the CPU preset (CPU_PRESET) where none is given."""
-        if self.preset is None and str(device).startswith("cpu") and self.codec in CPU_PRESET:
-            return dataclasses.replace(self, preset=CPU_PRESET[self.codec])
-        return self
+        """These options for a model on `device`: on the CPU, the CPU preset (CPU_PRESET) and encoder threads
+        (CPU_ENCODER_THREADS) where none are given."""
+        if not str(device).startswith("cpu"):
+            return self
+        preset = self.preset or CPU_PRESET.get(self.codec)
+        threads = self.threads or CPU_ENCODER_THREADS.get(self.codec, 0)
+        return dataclasses.replace(self, preset=preset, threads=threads)
 
     def describe(self) -> str:
         opts = self.encoder_options()
@@ -108,6 +122,32 @@ def check_options(opts: VideoOptions) -> None:
         raise UserError(
             f"--codec {opts.codec}: cannot be opened with {opts.describe()} ({ffmpeg_why(exc)})"
         ) from None
+
+
+def check_container(opts: VideoOptions, suffix: str) -> None:
+    """A clear UserError before any work when the container `suffix` names cannot hold what --codec encodes
+    (WebM takes only VP8, VP9 and AV1), naming the known encoders here that it takes. FFmpeg's muxer is
+    asked, not a table; an encoder check_options refuses anyway is left to it."""
+    try:
+        codec = av.Codec(opts.codec, "w")
+    except av.codec.codec.UnknownCodecError:
+        return
+    if codec.type != "video" or suffix.lower() not in CONTAINERS:
+        return
+    with av.open(io.BytesIO(), "w", format=CONTAINERS[suffix.lower()]) as muxer:
+        taken = muxer.supported_codecs
+    if codec.canonical_name in taken:
+        return
+    fits = []
+    for name in QUALITY_OPTION:  # the known encoders this FFmpeg has (a name can be a decoder's only)
+        with contextlib.suppress(av.codec.codec.UnknownCodecError):
+            if av.Codec(name, "w").canonical_name in taken:
+                fits.append(name)
+    raise UserError(
+        f"--codec {opts.codec}: {suffix} cannot hold {codec.canonical_name} video; it takes "
+        f"{' / '.join(fits) or 'no encoder known here'} (pass one with --codec), or write another container "
+        "(.mkv takes most)"
+    )
 
 
 def encoder_available(name: str) -> bool:

@@ -3,7 +3,6 @@ every output checked before any work (format, folder, an existing file, a name t
 
 from __future__ import annotations
 
-import errno
 import glob
 import os
 import tempfile
@@ -12,14 +11,19 @@ from pathlib import Path
 
 from sharpkd.deploy.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, list_files, printable
 from sharpkd.files import _TEMP as TEMP_NAME
+from sharpkd.files import _name_max
 
 # What FFmpeg reads (any container it knows; these suffixes are the ones looked for in folders).
-# What a video is written as (video.CONTAINERS); WebM takes AV1 or VP9 only (--codec libsvtav1).
-VIDEO_SAVE_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm"}
+# What a video is written as (video.CONTAINERS); WebM takes AV1 or VP9 only (--codec libsvtav1). Not AVI:
+# it has no timestamps, only a frame rate, so variable frame timing and the audio's offset are lost.
+VIDEO_SAVE_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm"}
 # Inputs in these keep their container (an .mkv's subtitles stay); the others are written as .mp4.
 VIDEO_KEPT_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv"}
 SAVE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 SIXTEEN_BIT_SUFFIXES = {".png", ".tif", ".tiff"}
+# What folders and globs yield: GIFs too (their first frame, written as .png; load_image says when there
+# are more), though not in IMAGE_SUFFIXES, which also lists training images (palettes are poor ground truth).
+INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES | {".gif"}
 OUTPUT_TAG = "_sharp"
 PREVIEW_TAG = "_preview"
 
@@ -41,7 +45,7 @@ def is_video(path: Path) -> bool:
 
 
 def _is_media(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    return path.is_file() and path.suffix.lower() in INPUT_SUFFIXES
 
 
 def _is_own_output(path: Path) -> bool:
@@ -65,7 +69,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], li
             continue
         if path.is_dir():
             unreadable: list[tuple[Path, str]] = []
-            files, base = list_files(path, IMAGE_SUFFIXES | VIDEO_SUFFIXES, unreadable), path
+            files, base = list_files(path, INPUT_SUFFIXES, unreadable), path
             errors += [printable(f"{p}: {why}; skipped") for p, why in unreadable]
         elif glob.has_magic(arg):
             files, base = sorted(Path(f) for f in glob.glob(arg, recursive=True) if _is_media(Path(f))), None
@@ -114,14 +118,15 @@ def plan_jobs(
     for src, base in found:
         if output is None:
             dst = src.with_name(default_output(src))
-        elif single_file and not output.is_dir() and output.suffix:
+        elif single_file and not os.path.isdir(output) and output.suffix:  # isdir: False on ENAMETOOLONG
             dst = output
         else:  # a folder, also one still to be made (`-o newdir/`, `-o newdir`)
             dst = output / _folder_name(src, base)
         prev = dst.with_name(f"{dst.stem}{PREVIEW_TAG}{dst.suffix}") if preview else None
         problem = _format_problem(src, dst)
-        for target in filter(None, (dst, prev)):
-            problem = problem or _target_problem(target, taken, inputs, overwrite)
+        for what, target in (("output", dst), ("preview", prev)):
+            if target is not None:
+                problem = problem or _target_problem(target, taken, inputs, overwrite, what)
         if problem:
             errors.append(printable(f"{src}: {problem}"))
             continue
@@ -131,9 +136,15 @@ def plan_jobs(
     return jobs, errors
 
 
-def _target_problem(target: Path, taken: dict[Path, Path], inputs: set[Path], overwrite: bool) -> str | None:
-    """Why `target` cannot be written (None: it can): another source's output, an input or an existing
-    file (unless `overwrite`), a folder, a folder it cannot write in, a name the file system refuses."""
+def _target_problem(
+    target: Path, taken: dict[Path, Path], inputs: set[Path], overwrite: bool, what: str = "output"
+) -> str | None:
+    """Why `target` (the job's `what`: output or preview) cannot be written (None: it can): another source's
+    output, an input or an existing file (unless `overwrite`), a folder, a folder it cannot write in, a name
+    the file system refuses."""
+    problem = _name_problem(target, what)
+    if problem:
+        return problem
     try:
         resolved = target.resolve()
         if resolved in taken:
@@ -142,35 +153,57 @@ def _target_problem(target: Path, taken: dict[Path, Path], inputs: set[Path], ov
             return f"{target} would overwrite an input; pass --overwrite to replace it"
         if target.is_dir():
             return f"{target} is a folder; name a file, or a folder with several inputs"
-        if not overwrite and target.exists():
+        # lexists: a dangling symlink is taken too (the final rename would refuse it after the work).
+        if not overwrite and os.path.lexists(target):
             return f"{target} exists; pass --overwrite to replace it"
-    except OSError as exc:  # ENAMETOOLONG: the _sharp tag took a long name over the limit (255 bytes)
-        if exc.errno == errno.ENAMETOOLONG:
-            return (
-                f"its output name ({len(os.fsencode(target.name))} bytes) is longer than the file system "
-                "allows; rename the input, or pass -o FOLDER (outputs there keep the input's name)"
-            )
-        return f"cannot check its output {target} ({exc.strerror or exc})"
+    except OSError as exc:  # ENAMETOOLONG: the whole path over PATH_MAX (names are checked above)
+        return f"cannot check its {what} {target} ({exc.strerror or exc})"
     return write_problem(target)
 
 
 def _format_problem(src: Path, dst: Path) -> str | None:
     suffix = dst.suffix.lower()
     if is_video(src):
+        if suffix == ".avi":
+            return f"-o {dst}: AVI cannot keep frame times or the audio's offset; write .mkv or .mp4"
         if suffix not in VIDEO_SAVE_SUFFIXES:
-            return (
-                f"-o {dst}: a video is written as .mp4 (or .m4v, .mov, .mkv, .avi, .webm), not as '{suffix}'"
-            )
+            return f"-o {dst}: a video is written as .mp4 (or .m4v, .mov, .mkv, .webm), not as '{suffix}'"
     elif suffix not in SAVE_SUFFIXES:
         return f"-o {dst}: unsupported image format '{suffix}' (use .png, .jpg, .webp, .tif, .bmp)"
     return None
 
 
+def _nearest_folder(target: Path) -> Path:
+    """The nearest folder above `target` that exists (or a file in the way); a name too long to look up is
+    not there (os.path.exists: False on any error, where Path.exists raises ENAMETOOLONG)."""
+    folder = target.parent
+    while not os.path.exists(folder) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _name_problem(target: Path, what: str) -> str | None:
+    """A name in `target` longer than its file system takes (None: all fit). Below a folder still to be made,
+    the file system says ENAMETOOLONG only when the finished file is renamed into place, after the work, so
+    every name is measured here; the temporaries fit (files._temp_names shortens them)."""
+    folder = _nearest_folder(target)
+    limit, part = _name_max(folder), target
+    while part != folder:
+        size = len(os.fsencode(part.name))
+        if size > limit and part != target:
+            return f"its output folder's name ({size} bytes) is longer than the file system allows ({limit})"
+        if size > limit:
+            return (
+                f"its {what} name ({size} bytes) is longer than the file system allows ({limit}); rename the "
+                "input, or pass -o FOLDER (outputs there keep the input's name)"
+            )
+        part = part.parent
+    return None
+
+
 def write_problem(target: Path) -> str | None:
     """Why `target` cannot be created, judged from its nearest existing folder (None: it can)."""
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _nearest_folder(target)
     if not folder.is_dir():
         return f"cannot create {target.parent}: {folder} is a file"
     try:  # a file without a name where the system allows it: tried, not guessed from the mode bits

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sharpkd.deploy import zoo
 from sharpkd.deploy.checkout import DEFAULT_MODELS, checkout_root
-from sharpkd.deploy.descriptor import ANY_SCALE_GRID, Model, Verification
+from sharpkd.deploy.descriptor import ANY_SCALE_GRID, Model, Verification, model_scale
 from sharpkd.deploy.sessions import OnnxFunction, ort_session, providers_for
 from sharpkd.errors import UserError
 
@@ -75,14 +75,21 @@ def model_kind(path: str | Path) -> tuple[Path, str]:
 
 
 def load_onnx(path: Path, device: str, verification: Verification, threads: int = 0) -> Model:
-    """An ONNX file as a Model: its scale from the metadata export.py writes, its pixel types from its I/O."""
+    """An ONNX file as a Model: its scale from the metadata export.py writes, its pixel types from its I/O.
+    One whose input height or width is fixed is refused: images of other sizes, and tiles, would fail."""
     session = ort_session(path, device, threads)  # checks the CUDA provider itself
     fn = OnnxFunction(session)
+    if len(fn.input_shape) == 4 and any(isinstance(d, int) for d in fn.input_shape[-2:]):
+        shape = "x".join(str(d) if isinstance(d, int) else "?" for d in fn.input_shape)
+        raise UserError(
+            f"{path}: its input is fixed at {shape}, but images (and their tiles) come in any size; export "
+            "it with a free height and width (dynamic axes), as `dvc repro export` does"
+        )
     meta = session.get_modelmeta().custom_metadata_map
-    scale = int(meta[SCALE_KEY]) if SCALE_KEY in meta else None
+    scale = model_scale(path, meta.get(SCALE_KEY), f"metadata '{SCALE_KEY}'")
     return Model(
         path, "onnx", scale, scale or ANY_SCALE_GRID, fn.input_type, fn.output_type, device,
-        providers_for(device), threads, True, verification, fn, fn.fixed_size,
+        providers_for(device), threads, True, verification, fn,
     )  # fmt: skip
 
 

@@ -10,7 +10,13 @@ and its pyfunc loader (`loader_module: sharpkd.deploy.serving` in the MLmodel fi
   scoring server decodes (a str value given to `predict` directly is base64-decoded here as well);
 - output: a DataFrame with the column `image`, each value the sharpened image as PNG bytes (base64
   text in the server's JSON reply), the size of its input;
-- params `tile` / `overlap` (defaults: the export's `infer.tile` / `infer.overlap`, else tiling.DEFAULT_TILE).
+- params `tile` / `overlap` (defaults: the export's `infer.tile` / `infer.overlap`, else tiling.DEFAULT_TILE),
+  checked as `sharpkd sharpen` checks --tile / --overlap (tiling.check_tiling);
+- an image over SHARPKD_SERVE_MAX_PIXELS pixels (default MAX_PIXELS) is refused from its header, before
+  anything is decoded.
+
+A bad request is an HTTP 400 whose message names the image by its index (`image 2: ...`), in one line:
+never the server's temp files, its traceback, nor the request echoed back (`request_error`).
 
 Every image goes through `sharpen.sharpen_image`, the function `sharpkd sharpen` runs, on the ONNX
 file opened by `models.load_model`: the server's reply is the file `sharpkd sharpen` writes.
@@ -21,7 +27,10 @@ that environment: `--env-manager local`.
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import logging
+import os
 import tempfile
 import warnings
 from importlib import metadata
@@ -38,6 +47,11 @@ COLUMN = "image"
 # PIL format -> the suffix the input is written under (load_image reads TIFFs' 16 bits by suffix).
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp", "PPM": ".ppm"}
 _REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pandas", "pillow", "av")
+# The largest image served, in pixels (the environment variable overrides it). Decoded and tiled, an image
+# takes ~45 bytes a pixel: a 9000x9000 PNG of zeros is 105 KB on the wire and 4 GB in the server. 40 MP
+# (8K UHD is 33) peaks near 2 GB.
+MAX_PIXELS_ENV, MAX_PIXELS = "SHARPKD_SERVE_MAX_PIXELS", 40_000_000
+_LOG = logging.getLogger(__name__)
 
 
 def png_bytes(example: Any) -> bytes:
@@ -59,8 +73,10 @@ def signature(tile: int, overlap: int):
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    # `image` is not required of the request: MLflow answers a missing column by echoing the whole request
+    # back (MBs of base64); here `_values` says what is missing in one line.
     return ModelSignature(
-        inputs=Schema([ColSpec("binary", COLUMN)]),
+        inputs=Schema([ColSpec("binary", COLUMN, required=False)]),
         outputs=Schema([ColSpec("binary", COLUMN)]),
         params=ParamSchema([ParamSpec("tile", "integer", tile), ParamSpec("overlap", "integer", overlap)]),
     )
@@ -132,14 +148,66 @@ def _values(model_input: Any) -> list:
     a dict of one column, or a single value."""
     import pandas as pd
 
-    if isinstance(model_input, pd.DataFrame):
-        column = COLUMN if COLUMN in model_input.columns else model_input.columns[0]
-        return list(model_input[column])
-    if isinstance(model_input, dict):
-        return list(model_input.get(COLUMN, next(iter(model_input.values()))))
+    if isinstance(model_input, pd.DataFrame | dict):
+        columns = list(model_input.keys())  # MLflow drops those its signature does not name
+        if COLUMN not in columns and len(columns) != 1:
+            raise UserError(
+                f"the request holds no '{COLUMN}' input; send "
+                f'{{"inputs": {{"{COLUMN}": [<base64 of an image>, ...]}}}}'
+            )
+        return list(model_input[COLUMN if COLUMN in columns else columns[0]])
     if isinstance(model_input, bytes | str):
         return [model_input]
     return list(model_input)
+
+
+def max_pixels() -> int:
+    """The largest image served, in pixels: $SHARPKD_SERVE_MAX_PIXELS, else MAX_PIXELS."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return MAX_PIXELS
+    if text.isdecimal() and int(text) > 0:
+        return int(text)
+    raise UserError(f"{MAX_PIXELS_ENV}={text[:40]!r}: not a number of pixels (a whole number above 0)")
+
+
+def _tiling(params: dict[str, Any]) -> tuple[int, int]:
+    """The params' tile and overlap, by the rules of `sharpkd sharpen`'s --tile / --overlap."""
+    values = []
+    for name in ("tile", "overlap"):
+        value = params.get(name)
+        try:
+            values.append(None if value is None else int(value))
+        except (TypeError, ValueError):
+            raise UserError(f"params: {name} must be a whole number, got {str(value)[:40]!r}") from None
+    try:
+        return check_tiling(*values)
+    except UserError as exc:  # its message names the CLI's options
+        raise UserError(f"params: {str(exc).replace('--', '')}") from None
+
+
+@functools.cache
+def request_error() -> type:
+    """The MlflowException of a bad request (HTTP 400; another error_code for others) whose message stays as
+    given: the scoring server rewrites the message of one raised by `predict` to begin with the request
+    itself (`Failed to predict data '<every byte sent>'`), megabytes of base64 for an image."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class RequestError(MlflowException):
+        def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE):
+            super().__init__(message, error_code)
+
+        @property
+        def message(self) -> str:
+            return self._message
+
+        @message.setter
+        def message(self, value: str) -> None:
+            if not hasattr(self, "_message"):  # set once, by __init__
+                self._message = value
+
+    return RequestError
 
 
 class SharpenModel:
@@ -149,39 +217,61 @@ class SharpenModel:
         from sharpkd.deploy.models import load_model
 
         self.model = load_model(onnx_path, "cpu")
+        self.max_pixels = max_pixels()
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None):
         import pandas as pd
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 
-        params = params or {}
-        tile, overlap = int(params.get("tile") or DEFAULT_TILE), int(params.get("overlap", DEFAULT_OVERLAP))
+        error = request_error()
+        try:
+            tile, overlap = _tiling(params or {})
+            values = _values(model_input)
+        except UserError as exc:  # a bad request (HTTP 400), never a server error
+            raise error(str(exc)) from None
         out = []
-        for i, value in enumerate(_values(model_input)):
+        for i, value in enumerate(values):
             try:
                 out.append(self.sharpen(_as_bytes(value), tile, overlap))
-            except UserError as exc:  # a bad request (HTTP 400), never a server error
-                raise MlflowException(f"{COLUMN} {i}: {exc}", INVALID_PARAMETER_VALUE) from None
+            except UserError as exc:
+                raise error(f"{COLUMN} {i}: {exc}") from None
+            except Exception:  # this server's fault: its traceback goes to its log, not to the client
+                _LOG.exception("%s %d of a request failed", COLUMN, i)
+                raise error(
+                    f"{COLUMN} {i}: the server failed on it (its log says why)", INTERNAL_ERROR
+                ) from None
         return pd.DataFrame({COLUMN: out})
 
     def sharpen(self, data: bytes, tile: int, overlap: int) -> bytes:
-        """Encoded image -> the PNG `sharpkd sharpen` writes for it."""
+        """Encoded image -> the PNG `sharpkd sharpen` writes for it; refused from its header when it holds
+        over `max_pixels` pixels."""
         from PIL import Image, UnidentifiedImageError
 
         from sharpkd.deploy.jobs import Job
         from sharpkd.deploy.sharpen import sharpen_image
 
-        check_tiling(tile, overlap)
+        too_large = (
+            f"over this server's limit of {self.max_pixels} pixels ({MAX_PIXELS_ENV}); send a smaller image"
+        )
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                suffix = _SUFFIXES.get(im.format or "", ".png")
-        except (UnidentifiedImageError, OSError, ValueError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the bound below is ours
+                with Image.open(io.BytesIO(data)) as im:  # reads the header: nothing is decoded yet
+                    suffix = _SUFFIXES.get(im.format or "", ".png")
+                    width, height = im.size
+        except Image.DecompressionBombError:  # PIL's own bound (2 x Image.MAX_IMAGE_PIXELS), at open
+            raise UserError(f"its header declares {too_large}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise UserError(
                 f"not an image PIL can read ({len(data)} bytes; send PNG, JPEG, WebP, TIFF or BMP bytes)"
             ) from None
+        if width * height > self.max_pixels:
+            raise UserError(f"{width}x{height} is {width * height} pixels, {too_large}")
         with tempfile.TemporaryDirectory(prefix="sharpkd-serve-") as tmp:
             src, dst = Path(tmp) / f"input{suffix}", Path(tmp) / "sharp.png"
             src.write_bytes(data)
-            sharpen_image(self.model, Job(src, dst, None, overwrite=True), tile, overlap)
+            try:
+                sharpen_image(self.model, Job(src, dst, None, overwrite=True), tile, overlap)
+            except UserError as exc:  # it names the temp file: the client knows its image by its index
+                raise UserError(str(exc).replace(f"{src}: ", "").replace(tmp, "<temp>")) from None
             return dst.read_bytes()

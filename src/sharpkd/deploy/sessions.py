@@ -87,11 +87,8 @@ class OnnxFunction:
         self.input_name = inp.name
         self.input_type = PIXEL_TYPES.get(inp.type, "float32")
         self.output_type = PIXEL_TYPES.get(out.type, "float32")
-        hw = inp.shape[-2:] if len(inp.shape) == 4 else []
-        # (height, width) of a model that takes one size only, else None.
-        self.fixed_size = (
-            tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
-        )
+        # The input's dimensions: numbers where fixed, names (or None) where free.
+        self.input_shape = tuple(inp.shape)
 
     def native(self, x: np.ndarray) -> np.ndarray:
         """`x` (float in [0,1]) as the array the model takes."""

@@ -14,13 +14,14 @@ written).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sharpkd.deploy.encoding import VideoOptions, check_options
+from sharpkd.deploy.encoding import VideoOptions, check_container, check_options
 from sharpkd.deploy.images import load_image, printable, save_image
 from sharpkd.deploy.jobs import SIXTEEN_BIT_SUFFIXES, Job, expand_inputs, plan_jobs
 from sharpkd.deploy.models import Model, load_model
@@ -160,14 +161,15 @@ def sharpen_paths(
     err = Console(stderr=True)
     video_tile = tile  # videos: whole frames up to 4K unless --tile is given (tiling.frame_tile)
     tile, overlap = check_tiling(tile, overlap)
-    # A missing model (file, or models:/ URI in the MLflow registry) is one clear UserError, before any work.
-    model = load_model(model_path, device)
     found, errors, notes = expand_inputs(inputs)
     single_file = len(inputs) == 1 and len(found) == 1 and Path(inputs[0]).is_file()
-    if output is not None and not single_file and output.exists() and not output.is_dir():
+    if output is not None and not single_file and os.path.exists(output) and not os.path.isdir(output):
         raise UserError(f"-o {output}: with several inputs -o must be a folder, and this is a file")
     jobs, plan_errors = plan_jobs(found, output, single_file, overwrite, preview)
     errors += plan_errors
+    # The planning is done before the model is loaded: what it refuses costs nothing.
+    for suffix in sorted({j.dst.suffix.lower() for j in jobs if j.video}):
+        check_container(video or VideoOptions(), suffix)
     for e in errors:
         err.print(f"[red]error[/red]: {escape(e)}", soft_wrap=True)
     for n in notes:
@@ -176,6 +178,8 @@ def sharpen_paths(
         if not errors:
             raise UserError("nothing to sharpen")
         return 1
+    # A missing model (file, or models:/ URI in the MLflow registry) is one clear UserError, before any work.
+    model = load_model(model_path, device)
     settings = _Settings(tile, overlap, video_tile, video)
     out.print(f"model: {escape(model.describe())}; {settings.describe(jobs, model.device)}", soft_wrap=True)
     _remove_stale_temps(jobs)

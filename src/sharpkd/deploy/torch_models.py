@@ -2,8 +2,9 @@
 file is opened (the ONNX path never imports this module's torch).
 
 TorchScript carries code that runs when it is loaded and run, so a .pt is opened only when it is this
-checkout's own export (its sha256 is one that the export stage recorded in models/export/model_card.json)
-or inside `trusting_code()` (`--trust-code`).
+checkout's own export (its sha256 is one that the export stage recorded in models/export/model_card.json
+under the root of the git checkout holding the current folder; outside a checkout, none is) or inside
+`trusting_code()` (`--trust-code`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sharpkd.deploy.checkout import EXPORT_DIR, checkout_root
-from sharpkd.deploy.descriptor import ANY_SCALE_GRID, Model, Verification, first_line
+from sharpkd.deploy.descriptor import ANY_SCALE_GRID, Model, Verification, first_line, model_scale
 from sharpkd.errors import UserError
 
 PIPELINE_EXTRA = "pip install 'sharpkd[pipeline]'"
@@ -35,15 +36,21 @@ def trusting_code(allowed: bool = True) -> Iterator[None]:
         _TRUST_CODE.reset(token)
 
 
-def export_card() -> Path:
-    """models/export/model_card.json of the current checkout (what the export stage wrote and hashed)."""
-    return (checkout_root() or Path.cwd()) / EXPORT_DIR / "model_card.json"
+def export_card() -> Path | None:
+    """models/export/model_card.json of the current checkout (what the export stage wrote and hashed), found
+    from its root; None outside a checkout (a card in any folder, beside a downloaded .pt, vouches for
+    nothing)."""
+    root = checkout_root()
+    return root / EXPORT_DIR / "model_card.json" if root is not None else None
 
 
 def export_digests(card: Path | None = None) -> set[str]:
     """The sha256 of every file the export stage wrote, as its model card records them (none without one)."""
+    card = card or export_card()
+    if card is None:
+        return set()
     try:
-        files = json.loads((card or export_card()).read_text()).get("files", {})
+        files = json.loads(card.read_text()).get("files", {})
         return {
             f["sha256"] for f in files.values() if isinstance(f, dict) and isinstance(f.get("sha256"), str)
         }
@@ -84,10 +91,15 @@ def _check_code_allowed(path: Path, data: bytes, sha256: str) -> None:
     """TorchScript runs its own code: refused unless it is this checkout's export or the user trusts it."""
     if _TRUST_CODE.get() or sha256 in export_digests():
         return
+    card = export_card()
+    why = (
+        f"its sha256 is not among the files of {card}"
+        if card is not None
+        else f"the current folder is in no git checkout, whose {EXPORT_DIR / 'model_card.json'} would list it"
+    )
     raise UserError(
         f"{path}: a TorchScript model runs the code it carries, and this one is not this checkout's export "
-        f"(its sha256 is not among the files of {export_card()}); use a .onnx or .pth model, or pass "
-        "--trust-code to run it if you trust whoever made it"
+        f"({why}); use a .onnx or .pth model, or pass --trust-code to run it if you trust whoever made it"
     )
 
 
@@ -106,8 +118,7 @@ def _load_torchscript(torch, path: Path, device: str, verification: Verification
     except Exception as exc:  # torch.jit raises RuntimeError subclasses with long C++ traces
         raise UserError(f"{path}: not a TorchScript model ({first_line(exc)})") from None
     module.eval()
-    scale = getattr(module, "scale", None)
-    return module, int(scale) if scale is not None else None
+    return module, model_scale(path, getattr(module, "scale", None), "attribute 'scale'")
 
 
 def load_torch_model(path: Path, kind: str, device: str, verification: Verification) -> Model:
@@ -123,5 +134,5 @@ def load_torch_model(path: Path, kind: str, device: str, verification: Verificat
         module, scale = _load_torchscript(torch, path, device, verification)
     return Model(
         path, kind, scale, scale or ANY_SCALE_GRID, "float32", "float32", device, (), 0, True, verification,
-        TorchFunction(torch, module, device), None,
+        TorchFunction(torch, module, device),
     )  # fmt: skip

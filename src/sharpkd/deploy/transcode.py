@@ -106,11 +106,15 @@ class _Reader:
 
     def __init__(self, container, stream, report: Report, clock: StageClock):
         self.container, self.stream, self.report, self.clock = container, stream, report, clock
+        self.packets = (
+            0  # the video stream's packets read, one frame each (frames that decode to nothing count)
+        )
         self.first = None  # the first decoded av.VideoFrame (its size, rotation and colour tags)
 
     def items(self) -> Iterator[object]:
         for packet in self._packets():
             if packet.stream.index == self.stream.index:
+                self.packets += bool(packet.size)
                 yield from self._decode(packet)
             elif packet.dts is not None:
                 yield packet
@@ -222,6 +226,9 @@ class _Output:
     def __init__(self, path: Path, suffix: str, src: _Source, opts: VideoOptions, width: int, report: Report,
                  clock: StageClock, video_only: bool = False):  # fmt: skip
         self.container = av.open(str(path), "w", format=CONTAINERS[suffix])
+        self.report = report
+        self.shift: dict[int, int] = {}  # per copied stream: added to its timestamps since a reset
+        self.last: dict[int, int] = {}  # per copied stream: the last dts written
         try:
             self.container.metadata.update(_global_metadata(src.container))
             self.video = _Encoder(self.container, opts, src.stream, src.first, width, src.rate, clock)
@@ -236,10 +243,30 @@ class _Output:
         self.video.write(rgb, pts)
 
     def copy(self, packet) -> None:
-        out = self.copied.get(packet.stream.index)
-        if out is not None:
-            packet.stream = out
-            self.container.mux(packet)
+        i = packet.stream.index
+        out = self.copied.get(i)
+        if out is None:
+            return
+        self._continue(i, packet)
+        packet.stream = out
+        self.container.mux(packet)
+
+    def _continue(self, i: int, packet) -> None:
+        """Timestamps that go back (segments joined end to end, issue 40 row 6) continue from the last one
+        instead: a muxer refuses them. The sharpened video does the same (_Encoder.write)."""
+        if packet.dts is None:
+            return
+        shift = self.shift.get(i, 0)
+        last = self.last.get(i)
+        if last is not None and packet.dts + shift <= last:
+            self.shift[i] = shift = last + max(packet.duration or 1, 1) - packet.dts
+            self.report.notes.append(
+                f"stream #{i}'s timestamps go back at {float(last * packet.time_base):.2f} s: continued"
+            )
+        packet.dts += shift
+        if packet.pts is not None:
+            packet.pts += shift
+        self.last[i] = packet.dts
 
     def finish(self) -> None:
         self.video.finish()
@@ -382,13 +409,30 @@ def sharpen_video(
         report.pixel_format = out.video.stream.pix_fmt
         if report.resized:
             report.notes.append(f"{report.resized} frame(s) of another size scaled to {w}x{h}")
-        found = report.frames + report.lost
-        if vin.frames and found < vin.frames and not report.stopped:
-            report.notes.append(f"the container lists {vin.frames} frames, {found} were found")
+        _count_missing(report, reader.packets, vin.frames)
     report.seconds = time.perf_counter() - t0
     if tiling < max(w, h):
         report.notes.append(f"tiled {tiling}")
     return report
+
+
+def _count_missing(report: Report, packets: int, listed: int) -> None:
+    """Frames neither written nor already counted lost are lost too (issue 40 rows 7 and 16): packets that
+    decoded to nothing (a stream cut before its first keyframe), and frames the container lists but the
+    file no longer holds (a download cut short)."""
+    found = report.frames + report.lost
+    if report.stopped:  # the reason is said already
+        return
+    if packets > found:
+        report.lost += packets - found
+        report.error = (
+            report.error or f"{packets - found} packet(s) decoded to no frame (a cut before a keyframe?)"
+        )
+    elif listed > found:
+        report.lost += listed - found
+        report.error = (
+            report.error or f"the container lists {listed} frames, the file holds {found} (cut short?)"
+        )
 
 
 def sharing_the_cpu(model: Model) -> Model:
