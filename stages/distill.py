@@ -1,19 +1,19 @@
 """DVC stage `distill`: train the student against HR, the cached teacher outputs and features.
 
 data/pairs + data/teacher -> models/student/ (student.pth: the best by validation PSNR, last.pth,
-student.json), metrics/train.json, metrics/train_curve.tsv; the training is sharpkd/distillation.py.
+student.json), metrics/train.json, metrics/train_curve.tsv (a row per validation: DVC's plots) and
+metrics/train_steps.tsv (every step's loss terms); the training is sharpkd/distillation.py.
 Runs unchanged under `torchrun --nproc_per_node=N stages/distill.py` (DDP; rank 0 writes).
 """
 
 from __future__ import annotations
 
-import pandas as pd
-
 from sharpkd.config import Params
 from sharpkd.distillation import distill_student
-from sharpkd.files import atomic_dir, atomic_path, write_json
+from sharpkd.files import atomic_dir, write_json
 from sharpkd.models.student import save_student
 from sharpkd.pipeline import StagePaths, run_stage
+from sharpkd.train import write_curves
 
 
 def run(params: Params, paths: StagePaths, tracker) -> dict:
@@ -29,8 +29,7 @@ def run(params: Params, paths: StagePaths, tracker) -> dict:
         save_student(distilled.last, tmp / "last.pth", {"val": result.last_metrics, "step": result.steps})
         write_json(tmp / "student.json", distilled.info)
     write_json(paths.metrics / "train.json", summary)
-    with atomic_path(paths.metrics / "train_curve.tsv") as tmp:
-        pd.DataFrame(result.curve).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    write_curves(result.curve, paths.metrics / "train_curve.tsv", paths.metrics / "train_steps.tsv")
     speed = summary.get("steps_per_s_reason") or f"{result.steps_per_s:.2f} steps/s ({result.precision})"
     print(
         f"[distill] best val PSNR {summary['val_psnr']:.2f} dB (step {result.best_step}), {speed}, "

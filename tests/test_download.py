@@ -396,6 +396,75 @@ def test_http_error_names_the_url(tmp_path, monkeypatch, div2k):
     assert not (tmp_path / "raw").exists()
 
 
+# --------------------------------------------------------------------------- what a failed download says
+
+NOISE = ("MaxRetryError", "HTTPConnectionPool", "object at 0x", "urllib3", "Errno")
+
+
+def _one_short_line(exc: BaseException) -> str:
+    msg = str(exc)
+    assert "\n" not in msg and len(msg) < 200 and not [n for n in NOISE if n in msg], msg
+    return msg
+
+
+def test_dns_failure_is_one_short_line_with_no_retry(tmp_path, monkeypatch, capsys):
+    """An offline machine: the name does not resolve (getaddrinfo fails as it does then; nothing leaves the
+    machine). Retrying cannot help: one attempt, no "trying again", the reason in a few words."""
+    lookups = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "weights.example.test":
+            lookups.append(host)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(DownloadError) as err:
+        download("https://weights.example.test/models/w.pth", tmp_path / "w.pth", attempts=5)
+    msg = _one_short_line(err.value)
+    assert msg == "https://weights.example.test/models/w.pth: DNS failure for weights.example.test"
+    assert err.value.reason == "DNS failure for weights.example.test"
+    assert lookups == ["weights.example.test"]  # tried once
+    out = capsys.readouterr().out
+    assert "trying again" not in out and "interrupted" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_connection_refused_is_one_short_line(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    with pytest.raises(DownloadError) as err:
+        download(f"http://127.0.0.1:{port}/w.pth", tmp_path / "w.pth", attempts=3)
+    assert _one_short_line(err.value).endswith(f": connection refused by 127.0.0.1:{port}")
+    assert "trying again" not in capsys.readouterr().out
+
+
+def test_a_silent_server_times_out_and_is_tried_again(tmp_path, capsys):
+    """A server that accepts and never answers: a timeout may pass, so it is tried again, saying so once."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    where = f"127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        with pytest.raises(DownloadError) as err:
+            download(f"http://{where}/w.pth", tmp_path / "w.pth", timeout=0.3, attempts=2)
+    finally:
+        srv.close()
+    msg = _one_short_line(err.value)
+    assert msg == f"http://{where}/w.pth: download failed after 2 attempts ({where} timed out)"
+    assert capsys.readouterr().out.splitlines() == [f"[download] w.pth: {where} timed out; trying again"]
+
+
+def test_wrong_sha256_says_so_in_its_reason(tmp_path):
+    server = RangeServer({"w.pth": b"not the weights"})
+    with server as url, pytest.raises(DownloadError) as err:
+        download(url + "w.pth", tmp_path / "w.pth", digest=("sha256", "0" * 64))
+    assert err.value.reason == "sha256 mismatch" and "removed" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- samples
 
 

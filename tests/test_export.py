@@ -244,3 +244,56 @@ def test_model_card_markdown_shows_names_and_params_as_text(tmp_path):
     assert "a|b.png: too small; x\\n# pwned\\r\\n| c | d |.png" in html
     assert "odd|set" in html and "[click](javascript:alert(1)).png" in html
     assert "jpeg_quality=[70, 95]" in md  # what cannot be live stays as it reads
+
+
+def _card(tmp_path, params, metrics: dict, manifest_rows: str = ""):
+    from sharpkd.model_card import model_card
+
+    (tmp_path / "student.onnx").write_bytes(b"onnx")
+    manifest = tmp_path / "manifest.csv"
+    if manifest_rows:
+        manifest.write_text("split,source,name,width,height,sha256,note\n" + manifest_rows)
+    return model_card(
+        trained_tiny_student(),
+        params,
+        {"student.onnx": tmp_path / "student.onnx"},
+        metrics,
+        teacher_dir=tmp_path,
+        manifest=manifest,
+        eval_path=tmp_path / "eval.json",
+        student_json=tmp_path / "student.json",
+    )
+
+
+def test_model_card_says_the_quick_profiles_student_is_a_demo(tmp_path):
+    """data.source samples: the card says, first thing, that the student is a demo on a few photos."""
+    rows = "".join(f"train,samples,p{i},512,512,x,\n" for i in range(5)) + "valid,samples,v,512,512,y,\n"
+    params = tiny_params(data={"scale": 2, "source": "samples"}, distill={"steps": 2000})
+    card, md = _card(tmp_path, params, {}, rows)
+    want = "Demo model: trained on 5 scikit-image sample photos (data.source samples, the quick profile's data) for 2,000 steps"
+    assert card["demo"].startswith(want)
+    title, _, first = md.split("\n")[:3]
+    assert (
+        title.startswith("# sharpkd student") and first.startswith(f"**{want}") and "docs/results.md" in first
+    )
+    # Other data: no such note.
+    folder = tiny_params(
+        data={"scale": 2, "source": "folder", "folder": {"train": str(tmp_path), "valid": ""}}
+    )
+    card, md = _card(tmp_path, folder, {}, rows)
+    assert card["demo"] is None and "Demo model" not in md
+
+
+def test_model_card_gives_the_int8_cost_per_set(tmp_path):
+    metrics = {"int8.method": "static", "int8.calibration_images": 8}
+    for name, fp32, int8 in (("valid", 27.5, 27.3), ("Set5", 30.1, 29.85)):
+        metrics |= {f"int8.{name}.psnr_fp32": fp32, f"int8.{name}.psnr_int8": int8}
+        metrics |= {f"int8.{name}.psnr_cost": round(fp32 - int8, 5), f"int8.{name}.ssim_cost": 0.002}
+        metrics |= {f"int8.{name}.ssim_fp32": 0.8, f"int8.{name}.ssim_int8": 0.798}
+    card, md = _card(tmp_path, tiny_params(data={"scale": 2}), metrics)
+    assert card["int8_cost"]["Set5"]["psnr_cost"] == 0.25 and set(card["int8_cost"]) == {"valid", "Set5"}
+    assert "## INT8 quality cost" in md
+    assert "| valid | 27.5 | 27.3 | 0.2 | 0.002 |" in md and "| Set5 | 30.1 | 29.85 | 0.25 | 0.002 |" in md
+    # export.int8 false: no INT8 figures, no section.
+    card, md = _card(tmp_path, tiny_params(data={"scale": 2}), {})
+    assert card["int8_cost"] == {} and "INT8 quality cost" not in md

@@ -135,7 +135,10 @@ def test_lpips_reason_does_not_record_the_home_path(tmp_path, hub, monkeypatch):
     monkeypatch.delenv("SHARPKD_WEIGHTS_DIR", raising=False)
     with lpips_from_empty_server(tmp_path / "empty_site", monkeypatch):
         m = QualityMetrics(4, lpips=True)  # weights.dir "": ~/.cache/sharpkd/weights
-    assert "weights.dir (~/.cache/sharpkd/weights)" in m.lpips_reason
+    assert (
+        m.lpips_reason
+        == "no LPIPS: alexnet-owt-7be5be79.pth not found, download failed: HTTP 404 File not found"
+    )
     assert str(tmp_path) not in m.lpips_reason
 
 
@@ -143,8 +146,8 @@ def test_lpips_null_with_reason_when_weights_missing(tmp_path, hub, monkeypatch)
     # The real URLs, but pointed at a local server that has nothing: no internet is touched.
     with lpips_from_empty_server(tmp_path / "empty_site", monkeypatch):
         m = QualityMetrics(4, lpips=True, weights_dir=tmp_path / "weights")
-    assert m.lpips_reason is not None
-    assert "alexnet-owt-7be5be79.pth" in m.lpips_reason and str(tmp_path / "weights") in m.lpips_reason
+    assert m.lpips_reason is not None and len(m.lpips_reason) <= 120
+    assert "alexnet-owt-7be5be79.pth not found" in m.lpips_reason
     a = _image()
     s = m.score(a, np.roll(a, 1, axis=0))
     assert s["lpips"] is None and s["psnr"] < 40  # the other metrics still work
@@ -218,6 +221,34 @@ def test_lpips_file_without_linear_layers_is_refused(tmp_path, hub, monkeypatch)
     monkeypatch.setattr(M, "_lpips_files", lambda: files)
     m = QualityMetrics(4, lpips=True, weights_dir=tmp_path / "weights")
     assert m.lpips_reason is not None and "LPIPS-test.pth" in m.lpips_reason and "lin" in m.lpips_reason
+
+
+def test_lpips_reason_is_short_and_whole(tmp_path, hub, monkeypatch):
+    """The issue's reason: a 330-character exception text cut mid-word, copied to eval.json, the model card
+    and MLflow. Now its first line, whole words, under 120 characters."""
+    long = "LPIPS weights could not be built because " + "the network layer configuration " * 9
+    assert len(long) > 300
+
+    def broken(folder):
+        raise RuntimeError(long.strip() + "\nTraceback details on a second line")
+
+    monkeypatch.setattr(M, "load_lpips", broken)
+    reason = QualityMetrics(4, lpips=True, weights_dir=tmp_path).lpips_reason
+    assert len(reason) <= 120 and "\n" not in reason and "Traceback" not in reason
+    assert reason.startswith("no LPIPS: LPIPS weights could not be built because the network")
+    assert (
+        reason.endswith(" configuration...") or reason.endswith(" network...") or reason.endswith(" layer...")
+    )
+
+
+def test_brief_cuts_at_a_word_boundary():
+    from sharpkd.errors import brief
+
+    assert brief("  short\n second line") == "short"
+    text = "word " * 40
+    cut = brief(text, 50)
+    assert len(cut) <= 50 and cut.endswith("word...") and "wor..." not in cut
+    assert brief("\n\n  ok  then ") == "ok then"
 
 
 def test_lpips_not_requested():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -355,8 +356,15 @@ def test_distill_writes_outputs(pipeline):
     out = pipeline / "full"
     assert (out / "student/student.pth").is_file() and (out / "student/last.pth").is_file()
     assert json.loads((out / "metrics/train.json").read_text())["steps"] == 12
-    curve = (out / "metrics/train_curve.tsv").read_text().splitlines()
-    assert curve[0].split("\t")[:2] == ["step", "loss"] and "val_psnr" in curve[0] and len(curve) == 13
+    # A row per validation (eval_every 6 of 12 steps: 6 and 12), every step in train_steps.tsv.
+    curve = pd.read_csv(out / "metrics/train_curve.tsv", sep="\t")
+    assert list(curve.columns[:2]) == ["step", "loss"] and list(curve["step"]) == [6, 12]
+    assert curve["val_psnr"].notna().all() and not curve.isna().any().any()
+    steps = pd.read_csv(out / "metrics/train_steps.tsv", sep="\t")
+    assert list(steps["step"]) == list(range(1, 13)) and "val_psnr" not in steps
+    assert curve["loss"].tolist() == pytest.approx(
+        [steps["loss"][:6].mean(), steps["loss"][6:].mean()], rel=1e-4
+    )
     assert json.loads((out / "student/student.json").read_text())["loss_terms"] == ["pixel", "kd", "feature"]
 
 

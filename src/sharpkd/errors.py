@@ -15,3 +15,13 @@ def load_error(exc: BaseException) -> str:
         return "it holds Python objects besides tensors; these are never loaded, as they could run code"
     # The first sentence: torch goes on about miniz internals and issue trackers.
     return text.splitlines()[0].split(". ")[0][:200]
+
+
+def brief(text: str, limit: int = 120) -> str:
+    """`text` as a short reason kept in outputs (eval.json, the model card, MLflow params): its first non-empty
+    line, spaces collapsed, and if still longer than `limit`, cut at a word boundary with "...", never mid-word."""
+    line = next((s for s in (" ".join(raw.split()) for raw in text.splitlines()) if s), "")
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + "..."

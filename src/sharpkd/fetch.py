@@ -8,6 +8,9 @@
 - `fetch_weights(filename, url, sha256, folder)`: a weights file from the folder, else downloaded.
 - `find_or_download(filename, url, digest, folders)`: a file from the first of several folders holding
   it, else downloaded (verified) into the first writable one (VGG19: weights.dir, then torch's hub cache).
+- `network_reason(exc)`: why a request failed, in a few words (DNS failure, connection refused, timed out).
+- `check_pretrained(params)`: check_params' check that every pretrained file the params need is there
+  (verified) or its server answers, before any stage deletes an output.
 
 A machine without internet is given the files in the weights folder; a missing file is an
 error that names the file, its URL and the folder, never a silent fallback.
@@ -17,12 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from sharpkd.errors import UserError
+from sharpkd.errors import UserError, brief
 from sharpkd.progress import progress
+
+if TYPE_CHECKING:
+    from sharpkd.config import Params
 
 _SWINIR = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/001_classicalSR_DF2K_s64w8_SwinIR-M_x{s}.pth"
 _PAN = "https://github.com/zhaohengyuan1/PAN/raw/master/experiments/pretrained_models/PANx{s}_DF2K.pth"
@@ -78,7 +88,64 @@ PRETRAINED: dict[str, dict] = {
 
 
 class DownloadError(UserError):
-    pass
+    """A download that failed; `reason` is what happened in a few words (the message adds the URL)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and every exception it wraps: requests and urllib3 nest the socket's error two or three deep
+    (as an argument, as MaxRetryError.reason, as the cause)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        inner = [*e.args, getattr(e, "reason", None), e.__cause__, e.__context__]
+        todo += [x for x in inner if isinstance(x, BaseException)]
+    return seen
+
+
+def network_reason(exc: BaseException, url: str = "") -> tuple[str, bool]:
+    """(what happened, in a few words, whether trying again can help) for an error of a request to `url`."""
+    import requests
+    import urllib3
+
+    causes = _causes(exc)
+    host = urlsplit(url).hostname or "the server"
+    where = urlsplit(url).netloc or host
+
+    def has(*types) -> bool:
+        return any(isinstance(e, types) for e in causes)
+
+    if has(
+        requests.exceptions.ProxyError, urllib3.exceptions.ProxyError
+    ):  # before: it wraps the proxy's error
+        return f"proxy for {host} unreachable", False
+    if has(socket.gaierror, urllib3.exceptions.NameResolutionError):
+        return f"DNS failure for {host}", False  # retrying in seconds resolves nothing
+    if has(ConnectionRefusedError):
+        return f"connection refused by {where}", False
+    if has(ssl.SSLError, requests.exceptions.SSLError):
+        cert = next((e for e in causes if isinstance(e, ssl.SSLCertVerificationError)), None)
+        return f"TLS error with {host}" + (f" ({cert.verify_message})" if cert else ""), False
+    connect_timeout = any(
+        isinstance(e, urllib3.exceptions.ConnectTimeoutError)
+        and not isinstance(e, urllib3.exceptions.NewConnectionError)  # a subclass, for any connect failure
+        for e in causes
+    )
+    if connect_timeout or has(TimeoutError, requests.Timeout, urllib3.exceptions.ReadTimeoutError):
+        return f"{where} timed out", True
+    if has(ConnectionResetError, urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError):
+        return f"connection to {where} dropped", True
+    errno = next((e for e in causes if isinstance(e, OSError) and e.errno and e.strerror), None)
+    if errno is not None:  # network unreachable, no route to host...
+        return f"{errno.strerror[:1].lower()}{errno.strerror[1:]} ({where})", True
+    return f"{type(exc).__name__}: {brief(str(exc), 80)}", True
 
 
 def file_digest(path: str | Path, algo: str = "sha256") -> str:
@@ -183,24 +250,32 @@ def download(
             requests.exceptions.ChunkedEncodingError,
             urllib3.exceptions.HTTPError,
         ) as exc:
-            last_error = f"{type(exc).__name__}: {exc}"
-            got = part.stat().st_size if part.exists() else 0
-            then = "resuming with HTTP Range" if got else "trying again"
-            print(f"[download] {dest.name}: interrupted at {got} bytes ({type(exc).__name__}); {then}")
+            last_error, retry = network_reason(exc, url)
+            if not retry:
+                raise DownloadError(f"{url}: {last_error}{_kept(part)}", last_error) from None
+            if attempt + 1 < attempts:  # (after the last one, the error below says it)
+                got = part.stat().st_size if part.exists() else 0
+                then = f"interrupted at {got} bytes ({last_error}); resuming with HTTP Range"
+                print(f"[download] {dest.name}: {then if got else f'{last_error}; trying again'}")
             continue
         if last_error is None:
             break
     else:
-        kept = f"; the partial file {part} is kept, run again to resume" if part.exists() else ""
-        raise DownloadError(f"{url}: download failed after {attempts} attempts ({last_error}){kept}")
+        raise DownloadError(
+            f"{url}: download failed after {attempts} attempts ({last_error}){_kept(part)}", last_error
+        )
 
     ok, why = _matches(part, size, digest)
     if not ok:
         part.unlink()
-        raise DownloadError(f"{url}: {why}; the downloaded file was removed")
+        raise DownloadError(f"{url}: {why}; the downloaded file was removed", why.split(" (", 1)[0])
     part.replace(dest)
     print(f"[download] {dest} downloaded" + (", verified" if size is not None or digest else ""))
     return dest
+
+
+def _kept(part: Path) -> str:
+    return f"; the partial file {part} is kept, run again to resume" if part.exists() else ""
 
 
 def _fetch_rest(url: str, dest: Path, part: Path, size: int | None, timeout: float) -> str | None:
@@ -217,7 +292,7 @@ def _fetch_rest(url: str, dest: Path, part: Path, size: int | None, timeout: flo
         if r.status_code == 416 and have:  # nothing left to fetch: the .part holds the whole file
             return None
         if r.status_code not in (200, 206):
-            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}", f"HTTP {r.status_code} {r.reason}")
         if r.status_code == 206 and _range_start(r) != have:
             part.unlink()
             return f"asked for bytes from {have}, got {r.headers.get('Content-Range')!r}"
@@ -299,3 +374,71 @@ def find_or_download(
         raise DownloadError(f"none of {', '.join(map(str, folders))} can be written to")
     print(f"[weights] {filename}: not in {', '.join(map(str, folders))}; downloading {url} into {folder}")
     return download(url, folder / filename, digest=digest, timeout=timeout, attempts=attempts)
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch's hub cache for weights files (`torch.hub.get_dir()/checkpoints`), where torchvision keeps them."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def unreachable(url: str, timeout: float = 10.0) -> str | None:
+    """Why `url` cannot be downloaded now, in a few words; None when its server answers for the file. Only the
+    first byte is asked for: a check, not a download."""
+    import requests
+
+    headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+            return None if r.status_code in (200, 206) else f"HTTP {r.status_code} {r.reason}"
+    except (requests.RequestException, OSError) as exc:
+        return network_reason(exc, url)[0]
+
+
+def pretrained_needs(params: Params) -> list[tuple[str, str, tuple[Path, ...], str]]:
+    """(what needs it, its PRETRAINED key, the folders its stage looks in, what else can be done) for each
+    pretrained file the params use: teacher.source and teacher.ensemble's pretrained teachers (teachers.py
+    looks in weights.dir), VGG19 for loss.perceptual (losses.py: weights.dir, then torch's hub cache)."""
+    wdir = resolve_weights_dir(params.weights.dir)
+    teachers = [("teacher.source", params.teacher.source)]
+    teachers += [("teacher.ensemble", name) for name in params.teacher.ensemble]
+    needs = [
+        (f"{key} {name}", f"{name}_x{params.data.scale}", (wdir,), "")
+        for key, name in teachers
+        if f"{name}_x{params.data.scale}" in PRETRAINED
+    ]
+    if params.loss.perceptual > 0:
+        needs.append(
+            ("loss.perceptual", "vgg19", (wdir, torch_hub_checkpoints()), " or set loss.perceptual=0")
+        )
+    return needs
+
+
+def check_pretrained(params: Params, timeout: float = 10.0) -> list[str]:
+    """The pretrained files the params need, each found (and matching its pinned sha256) or its server
+    answering; else one short line naming the file and what to do. check_params runs it, so a file that
+    cannot be had stops the run before DVC deletes any stage's outputs. Returns the file names."""
+    if params.teacher.source == "checkpoint" and not Path(params.teacher.checkpoint).is_file():
+        raise UserError(f"teacher.checkpoint: {params.teacher.checkpoint!r} is not a file")
+    names = []
+    for what, key, folders, alt in pretrained_needs(params):
+        spec = PRETRAINED[key]  # read now, not at import: tests point it at a local server
+        name, pin = spec["filename"], spec["sha256"]
+        names.append(name)
+        found = find_file(name, folders)
+        if found is not None:
+            got = file_digest(found) if pin else ""
+            if not got.startswith(pin or ""):
+                raise UserError(
+                    f"{what}: {without_home(str(found))} has sha256 {got[:8]}..., not {pin[:8]}...: delete it "
+                    "or put the official file there"
+                )
+            continue
+        reason = unreachable(spec["url"], timeout)
+        if reason:  # kept short (under 200 characters as printed): the folder it goes in is what to act on
+            wdir = without_home(str(folders[0]))
+            raise UserError(
+                f"{what} needs {name}: not found, cannot download ({reason}); put it in {wdir}{alt}"
+            )
+    return names

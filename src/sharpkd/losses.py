@@ -27,7 +27,13 @@ from torch import nn
 
 from sharpkd.config import LossParams
 from sharpkd.errors import UserError, load_error
-from sharpkd.fetch import PRETRAINED, DownloadError, find_or_download, resolve_weights_dir
+from sharpkd.fetch import (
+    PRETRAINED,
+    DownloadError,
+    find_or_download,
+    resolve_weights_dir,
+    torch_hub_checkpoints,
+)
 
 # torchvision's ImageNet VGG19 (VGG19_Weights.IMAGENET1K_V1); the sha256 prefix is in the name.
 # Where it is fetched from (and the hash it is verified against) is fetch.PRETRAINED["vgg19"].
@@ -50,15 +56,14 @@ def fetch_vgg19_weights(weights_dir: Path) -> Path:
     already in one of those folders is used as it is, as torch.hub uses its cache. One line naming the
     file, its URL and both folders when it is nowhere and cannot be downloaded (no network)."""
     spec = PRETRAINED["vgg19"]  # read now, not at import: tests point it at a local server
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    hub = torch_hub_checkpoints()
     try:
         return find_or_download(spec["filename"], spec["url"], ("sha256", spec["sha256"]), (weights_dir, hub))
     except DownloadError as exc:
-        why = " ".join(str(exc).split()).removeprefix(f"{spec['url']}: ")
         raise UserError(
             f"loss.perceptual needs the VGG19 ImageNet weights {spec['filename']} ({spec['url']}), "
             f"found neither in weights.dir ({weights_dir}) nor in torch's hub cache ({hub}), "
-            f"and it could not be downloaded ({why}). "
+            f"and it could not be downloaded ({exc.reason}). "
             f"Download that file into one of those folders, or set loss.perceptual=0."
         ) from None
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sharpkd.errors import UserError
-from sharpkd.fetch import download, find_file, resolve_weights_dir, without_home
+from sharpkd.errors import UserError, brief
+from sharpkd.fetch import DownloadError, download, find_file, resolve_weights_dir, without_home
 from sharpkd.tensors import run_tiled, to_tensor
 
 # PSNR of identical images is infinite; pyiqa adds eps=1e-8 to the MSE, which makes it 80 dB.
@@ -99,12 +99,10 @@ def _find_or_download(spec: WeightFile, weights_dir: Path) -> Path:
     try:
         download(spec.url, dest, digest=digest, timeout=DOWNLOAD_TIMEOUT_S, attempts=1)
     except UserError as exc:
-        cause = str(exc).splitlines()[0][:200]
+        cause = exc.reason if isinstance(exc, DownloadError) else brief(str(exc))
         print(f"[metrics] {spec.filename}: not in {', '.join(map(str, places))}; {cause}")
-        # Short: it is shown beside the null values (eval.json, `dvc exp show`).
-        raise OSError(
-            f"{spec.filename} is not in weights.dir ({weights_dir}) or torch hub's cache and its download failed ({cause})"
-        ) from None
+        # Short, no folders: it is kept beside the null values (eval.json, the model card, MLflow).
+        raise OSError(f"{spec.filename} not found, download failed: {cause}") from None
     return dest
 
 
@@ -172,8 +170,8 @@ class QualityMetrics:
                 self._lpips = load_lpips(folder)
                 self.lpips_reason = None
             except Exception as exc:  # no network and no cached weights, most often
-                text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self.lpips_reason = f"LPIPS weights could not be loaded: {without_home(text)[:400]}"
+                # One whole short line: it is copied to eval.json, the model card and the MLflow params.
+                self.lpips_reason = "no LPIPS: " + brief(without_home(str(exc)) or type(exc).__name__, 110)
                 print(f"[metrics] LPIPS recorded as null: {self.lpips_reason}")
 
     @torch.no_grad()

@@ -49,6 +49,32 @@ def _data_summary(params: Params, manifest: Path) -> dict:
     return summary
 
 
+def demo_note(params: Params, data: dict) -> str | None:
+    """What a student of the quick profile (data.source samples) is: a demo of the pipeline on a handful of
+    photos, not what its architecture reaches. None for any other data."""
+    if params.data.source != "samples":
+        return None
+    images = data.get("images")
+    photos = f"{images['train']} " if isinstance(images, dict) and "train" in images else ""
+    init = f", fine-tuned from {params.student.init}" if params.student.init else ""
+    return (
+        f"Demo model: trained on {photos}scikit-image sample photos (data.source samples, the quick "
+        f"profile's data) for {params.distill.steps:,} steps{init}. It shows the pipeline runs, not what "
+        "this architecture reaches: see the zoo students (sharpkd zoo) and docs/results.md."
+    )
+
+
+def int8_costs(metrics: dict) -> dict[str, dict]:
+    """{set: {psnr_fp32, psnr_int8, psnr_cost, ssim_cost}} from export.json's `int8.<set>.<metric>_<kind>` keys
+    (quantize.int8_cost); {} when no INT8 model was scored."""
+    costs: dict[str, dict] = {}
+    for key, value in metrics.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "int8" and parts[2].startswith(("psnr_", "ssim_")):
+            costs.setdefault(parts[1], {})[parts[2]] = value
+    return {name: c for name, c in costs.items() if "psnr_cost" in c}
+
+
 INTENDED_USE = (
     "Sharpening photographs and video frames that were enlarged (about x{scale}, bicubic-like) and possibly "
     "JPEG-compressed: it restores edges and fine texture a bicubic upscale blurs, in real time on a CPU or GPU. "
@@ -173,12 +199,15 @@ def model_card(
         "timing": {k: v for k, v in metrics.items() if k.startswith("timing.")},
         "speed": {k: v for k, v in metrics.items() if k.startswith("speed.")},
         "int8": {k: v for k, v in metrics.items() if k.startswith("int8.")},
+        "int8_cost": int8_costs(metrics),
+        "demo": demo_note(params, data),
         "intended_use": INTENDED_USE.format(scale=arch["scale"]),
         "limits": LIMITS,
     }
     md = [
         f"# sharpkd student (x{arch['scale']}, {arch['channels']} channels, {arch['blocks']} blocks)",
         "",
+        *([f"**{md_text(card['demo'])}**", ""] if card["demo"] else []),
         "## Intended use",
         "",
         card["intended_use"],
@@ -237,6 +266,19 @@ def model_card(
         "",
         _eval_table(evaluation) if evaluation else md_text(f"not available ({eval_path} not found)"),
     ]
+    if card["int8_cost"]:
+        md += [
+            "",
+            "## INT8 quality cost (student_int8.onnx against student.onnx, same images and tiling)",
+            "",
+            _table(
+                ["set", "PSNR float32", "PSNR INT8", "PSNR cost (dB)", "SSIM cost"],
+                [
+                    [name, c.get("psnr_fp32"), c.get("psnr_int8"), c.get("psnr_cost"), c.get("ssim_cost")]
+                    for name, c in card["int8_cost"].items()
+                ],
+            ),
+        ]
     md += [
         "",
         "## Parity with PyTorch (max abs difference, CPU)",

@@ -453,6 +453,34 @@ def _report(bar: tqdm, row: dict, cfg: FitConfig, log_metrics: Callable[[dict, i
         log_metrics({k: v for k, v in row.items() if k != "step"}, done)
 
 
+def interval_curve(curve: list[dict]) -> list[dict]:
+    """One row per validation of a per-step `curve` (FitResult.curve): its step, the loss and each of its terms
+    averaged over the steps since the previous validation (one step's loss is mostly its batch's noise), the
+    learning rate then, and the validation figures (val_*). No empty cells: a plot draws only measured points."""
+    rows, since = [], []
+    for row in curve:
+        since.append(row)
+        val = {k: v for k, v in row.items() if k.startswith("val_")}
+        if not val:
+            continue
+        terms = [k for k in row if k not in ("step", "lr") and k not in val]
+        mean = {k: sum(vs) / len(vs) for k in terms if (vs := [r[k] for r in since if k in r])}
+        rows.append({"step": row["step"], **mean, "lr": row["lr"], **val})
+        since = []
+    return rows
+
+
+def write_curves(curve: list[dict], interval_path: Path, steps_path: Path) -> None:
+    """A fit's curve as two tab-separated files: `interval_curve(curve)` (what DVC plots) and every step's loss
+    terms and learning rate, without the validation columns (empty on most steps)."""
+    import pandas as pd
+
+    steps = [{k: v for k, v in row.items() if not k.startswith("val_")} for row in curve]
+    for path, rows in ((interval_path, interval_curve(curve)), (steps_path, steps)):
+        with atomic_path(path) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+
+
 NO_STEPS_RAN = "no step ran: resumed from a finished checkpoint (delete it to train again)"
 
 

@@ -18,7 +18,7 @@ def render_plot(path: Path, x: str | None, ys: list[str], name: str, out_dir: Pa
     ys = [y for y in ys if y in df.columns]
     if not ys or (x is not None and x not in df.columns) or df.empty:
         return None
-    scatter = name == "scatter"
+    scatter = name.startswith("scatter")  # DVC's scatter, scatter_jitter, our .dvc/plots/scatter_labelled
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for y in ys:
         d = df[[c for c in (x, y) if c]].dropna()
