@@ -29,10 +29,10 @@ DEFAULT_CRF = {"libx264": 18, "libx265": 20}
 # veryfast a third, medium more than half; the files are larger at the same crf). On a GPU: the encoder's.
 CPU_PRESET = {"libx264": "ultrafast", "libx265": "ultrafast"}
 # Encoder threads with the model on the CPU: x264 on the writer thread itself, which yields to the model
-# (threads.BEHIND_THE_MODEL), rather than on its own frame threads, which take cores from it. On 2 cores
-# (AMD EPYC, 1080p, the balanced INT8 student) end to end against the model alone: 0.88, 0.88, 0.87 and
-# 0.75 against 0.80 and 0.82 with x264's default; for the fast one no clear difference (0.67-0.94 either
-# way: the model alone itself varied from 20 to 30 frames/s between runs).
+# (threads.BEHIND_THE_MODEL), rather than on frame threads of its own. On 2 cores (AMD EPYC, 1080p, INT8),
+# end to end against the model alone, medians of 5 runs against 3 with x264's default: the balanced
+# student 0.87 against 0.82, the fast one 0.74 against 0.87. Within the noise of this machine either way
+# (docs/export.md); kept for the default student.
 CPU_ENCODER_THREADS = {"libx264": 1}
 # The option --crf sets, per encoder; these also get "b": "0" (constant quality, no bit-rate cap).
 QUALITY_OPTION = {
